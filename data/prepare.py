@@ -1,0 +1,216 @@
+"""Validate the competition CSVs, parse the catalog text, fetch images and write the one split.
+
+    python -m data.prepare raw_dir=DIR out_dir=DIR download_images=true
+    python -m data.prepare profile=tiny            # the demo catalog under checkpoints/demo
+
+Reads DIR/train.csv and DIR/test.csv (`sample_id, catalog_content, image_link[, price]`) and
+writes out_dir/train.parquet, out_dir/test.parquet, out_dir/parse_report.json and the sidecar
+out_dir/prepare.json. Every later stage splits by the `fold` column written here.
+"""
+from __future__ import annotations
+
+import csv
+import math
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from core.config import parse_args, to_dict
+from core.io import atomic_save, read_json, write_json
+from core.runtime import progress, setup_logging
+from core.tables import META_FILE
+from data.catalog import model_text, normalise_unit, parse_catalog, structural_features
+from data.config import PREPARE_PROFILES, PrepareConfig
+from data.images import fetch_images
+
+REQUIRED = ["sample_id", "catalog_content", "image_link"]
+
+
+class DataValidationError(ValueError):
+    pass
+
+
+def read_competition_csv(path: Path, with_price: bool, max_listed: int = 20) -> pd.DataFrame:
+    """Read a competition CSV; any bad row raises one error listing each problem by line, id and column."""
+    path = Path(path)
+    if not path.exists():
+        raise DataValidationError(f"{path}: file not found")
+    csv.field_size_limit(1 << 30)
+    needed = REQUIRED + (["price"] if with_price else [])
+    problems: list[str] = []
+    records = []
+    first_line: dict[str, int] = {}
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        header = reader.fieldnames or []
+        missing = [c for c in needed if c not in header]
+        if missing:
+            raise DataValidationError(f"{path}: missing column(s) {missing}; the header has {header}")
+        start = reader.line_num + 1
+        for row in reader:
+            line, start = start, reader.line_num + 1
+            sid = (row.get("sample_id") or "").strip()
+            where = f"{path.name} line {line} (sample_id {sid or '?'})"
+            if None in row or any(row.get(c) is None for c in needed):
+                problems.append(f"{where}: expected {len(header)} fields, got a different number")
+                continue
+            if not sid:
+                problems.append(f"{where}, column 'sample_id': empty")
+                continue
+            if sid in first_line:
+                problems.append(f"{where}, column 'sample_id': duplicate of line {first_line[sid]}")
+                continue
+            first_line[sid] = line
+            record = {"sample_id": sid, "catalog_content": row["catalog_content"],
+                      "image_link": (row["image_link"] or "").strip(), "line": line}
+            if with_price:
+                text = (row["price"] or "").strip()
+                try:
+                    price = float(text)
+                except ValueError:
+                    problems.append(f"{where}, column 'price': expected a positive number, got {text!r}")
+                    continue
+                if not math.isfinite(price) or price <= 0:
+                    problems.append(f"{where}, column 'price': expected a positive number, got {text!r}")
+                    continue
+                record["price"] = price
+            records.append(record)
+    if problems:
+        more = f"\n  ... and {len(problems) - max_listed} more" if len(problems) > max_listed else ""
+        raise DataValidationError(f"{path}: {len(problems)} bad row(s):\n  " + "\n  ".join(problems[:max_listed]) + more)
+    if not records:
+        raise DataValidationError(f"{path}: no rows")
+    return pd.DataFrame.from_records(records)
+
+
+def parse_rows(df: pd.DataFrame) -> pd.DataFrame:
+    """Catalog fields, the normalised unit and the three structural features, one row per sample."""
+    rows = []
+    for content in progress(df["catalog_content"], desc="parse", unit="row"):
+        parsed = parse_catalog(content)
+        unit, unit_kind = normalise_unit(parsed.unit_raw)
+        quantity, volume, weight = structural_features(parsed.value, unit)
+        rows.append({
+            "item_name": parsed.item_name,
+            "bullets": "\n".join(parsed.bullets),
+            "description": parsed.description,
+            "text": model_text(parsed, unit),
+            "value": np.nan if parsed.value is None else parsed.value,
+            "unit_raw": parsed.unit_raw if parsed.unit_raw is not None else "",
+            "unit": unit,
+            "unit_kind": unit_kind,
+            "quantity_value": quantity,
+            "unit_volume": volume,
+            "unit_weight": weight,
+        })
+    return pd.concat([df.reset_index(drop=True), pd.DataFrame(rows)], axis=1)
+
+
+def assign_folds(prices: np.ndarray, n_folds: int, n_bins: int, seed: int) -> np.ndarray:
+    """Fold per row, stratified on price-quantile bins: each bin is shuffled and dealt round-robin."""
+    if n_folds < 2:
+        raise ValueError(f"n_folds must be at least 2, got {n_folds}")
+    n = len(prices)
+    n_bins = max(1, min(n_bins, n // n_folds))
+    ranks = pd.Series(prices).rank(method="first").to_numpy()
+    bins = np.minimum(((ranks - 1) * n_bins / n).astype(int), n_bins - 1)
+    rng = np.random.default_rng(seed)
+    folds = np.empty(n, dtype=np.int64)
+    offset = 0
+    for b in range(n_bins):
+        members = rng.permutation(np.flatnonzero(bins == b))
+        folds[members] = (np.arange(len(members)) + offset) % n_folds
+        offset += len(members)  # carry on the deal so small folds even out across bins
+    return folds
+
+
+def _fingerprint(path: Path) -> dict:
+    stat = Path(path).stat()
+    return {"path": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def parse_report(train: pd.DataFrame, test: pd.DataFrame) -> dict:
+    report = {}
+    for name, df in (("train", train), ("test", test)):
+        unknown = df.loc[df["unit_kind"] == "unknown", "unit"]
+        report[name] = {
+            "rows": int(len(df)),
+            "rows_per_unit": dict(Counter(df["unit"]).most_common()),
+            "rows_per_unit_as_written": dict(Counter(df["unit_raw"]).most_common(30)),
+            "rows_without_value": int(df["value"].isna().sum()),
+            "rows_without_unit": int((df["unit"] == "none").sum()),
+            "unknown_units": dict(Counter(unknown).most_common()),
+            "images_missing": int((~df["has_image"]).sum()),
+            "image_failures": dict(Counter(df.loc[~df["has_image"], "image_status"]).most_common(10)),
+        }
+    return report
+
+
+def main(cfg: PrepareConfig) -> dict:
+    out_dir = Path(cfg.out_dir)
+    log = setup_logging("data.prepare", out_dir)
+    train_csv, test_csv = Path(cfg.raw_dir) / "train.csv", Path(cfg.raw_dir) / "test.csv"
+    inputs = [_fingerprint(p) for p in (train_csv, test_csv) if p.exists()]
+    meta_path = out_dir / META_FILE
+    if meta_path.exists() and not cfg.force:
+        meta = read_json(meta_path)
+        if meta.get("complete") and meta.get("config") == to_dict(cfg) and meta.get("inputs") == inputs:
+            log.info("%s is complete for this config and these inputs; nothing to do (force=true reruns)", out_dir)
+            return meta
+    if cfg.n_folds < 2 or not 0 <= cfg.holdout_fold < cfg.n_folds:
+        raise ValueError(f"need n_folds >= 2 and 0 <= holdout_fold < n_folds, got {cfg.n_folds}, {cfg.holdout_fold}")
+
+    write_json(meta_path, {"config": to_dict(cfg), "complete": False})
+    train = read_competition_csv(train_csv, with_price=True)
+    test = read_competition_csv(test_csv, with_price=False)
+    overlap = set(train["sample_id"]) & set(test["sample_id"])
+    if overlap:
+        raise DataValidationError(f"{len(overlap)} sample_id(s) appear in both train.csv and test.csv, e.g. {sorted(overlap)[:5]}")
+    log.info("read %d train and %d test rows from %s", len(train), len(test), cfg.raw_dir)
+
+    train, test = parse_rows(train), parse_rows(test)
+
+    image_dir = Path(cfg.image_dir) if cfg.image_dir else out_dir / "images"
+    links = pd.concat([train["image_link"], test["image_link"]]).tolist()
+    results, downloaded = fetch_images(links, image_dir, Path(cfg.raw_dir), download=cfg.download_images,
+                                       workers=cfg.download_workers, timeout_s=cfg.timeout_s,
+                                       retries=cfg.retries, retry_failed=cfg.retry_failed)
+    for df in (train, test):
+        df["image_path"] = [results[link].path or "" for link in df["image_link"]]
+        df["image_status"] = [results[link].status for link in df["image_link"]]
+        df["has_image"] = df["image_path"] != ""
+    log.info("images: %d downloaded now, %d usable, %d missing", downloaded,
+             int(train["has_image"].sum() + test["has_image"].sum()),
+             int((~train["has_image"]).sum() + (~test["has_image"]).sum()))
+
+    train["log_price"] = np.log1p(train["price"])
+    train["fold"] = assign_folds(train["price"].to_numpy(), cfg.n_folds, cfg.n_price_bins, cfg.seed)
+    train["split"] = np.where(train["fold"] == cfg.holdout_fold, "val", "train")
+
+    for name, df in (("train", train), ("test", test)):
+        atomic_save(lambda tmp, df=df: df.to_parquet(tmp, index=False), out_dir / f"{name}.parquet")
+    report = parse_report(train, test)
+    report["images_downloaded_this_run"] = downloaded
+    write_json(out_dir / "parse_report.json", report)
+    for name in ("train", "test"):
+        r = report[name]
+        log.info("%s: %d rows, units %s, %d without Value, %d without Unit, %d unknown-unit rows, %d images missing",
+                 name, r["rows"], dict(list(r["rows_per_unit"].items())[:8]), r["rows_without_value"],
+                 r["rows_without_unit"], sum(r["unknown_units"].values()), r["images_missing"])
+    meta = {"config": to_dict(cfg), "complete": True, "inputs": inputs,
+            "rows": {"train": len(train), "test": len(test)},
+            "fold_sizes": {str(k): int(v) for k, v in train["fold"].value_counts().sort_index().items()}}
+    write_json(meta_path, meta)
+    log.info("wrote %s", out_dir)
+    return meta
+
+
+if __name__ == "__main__":
+    try:
+        main(parse_args(PrepareConfig, profiles=PREPARE_PROFILES))
+    except (DataValidationError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)

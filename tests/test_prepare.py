@@ -1,0 +1,119 @@
+"""`data.prepare` validation, parsing, the shared split, and `data.synthetic` round trips."""
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from core.io import read_json
+from core.tables import TRAIN_COLUMNS, load_table
+from data import prepare, synthetic
+from data.config import PrepareConfig, SyntheticConfig
+from data.prepare import DataValidationError, assign_folds, read_competition_csv
+
+HEADER = "sample_id,catalog_content,image_link,price\n"
+
+
+def write_csv(tmp_path, body, header=HEADER, name="train.csv"):
+    path = tmp_path / name
+    path.write_text(header + body)
+    return path
+
+
+def test_good_csv_with_multiline_field_reads(tmp_path):
+    path = write_csv(tmp_path, '1,"Item Name: a\nValue: 2\nUnit: oz",x.png,3.5\n2,b,y.png,4\n')
+    df = read_competition_csv(path, with_price=True)
+    assert df["sample_id"].tolist() == ["1", "2"] and df["line"].tolist() == [2, 5]
+    assert df["price"].tolist() == [3.5, 4.0]
+
+
+def test_missing_column_names_the_file_and_column(tmp_path):
+    path = write_csv(tmp_path, "1,a,x\n", header="sample_id,catalog_content,image_link\n")
+    with pytest.raises(DataValidationError, match=r"train.csv: missing column\(s\) \['price'\]"):
+        read_competition_csv(path, with_price=True)
+
+
+@pytest.mark.parametrize("price_text,shown", [("", "''"), ("abc", "'abc'"), ("0", "'0'"), ("-2.5", "'-2.5'"), ("nan", "'nan'")])
+def test_bad_price_names_file_line_id_and_column(tmp_path, price_text, shown):
+    path = write_csv(tmp_path, f'1,"two\nlines",x,3\n77,b,y,{price_text}\n')
+    with pytest.raises(DataValidationError) as err:
+        read_competition_csv(path, with_price=True)
+    message = str(err.value)
+    assert "train.csv line 4 (sample_id 77), column 'price'" in message and shown in message
+
+
+def test_duplicate_sample_id_names_both_lines(tmp_path):
+    path = write_csv(tmp_path, "5,a,x,1\n6,b,y,2\n5,c,z,3\n")
+    with pytest.raises(DataValidationError, match=r"line 4 \(sample_id 5\), column 'sample_id': duplicate of line 2"):
+        read_competition_csv(path, with_price=True)
+
+
+def test_all_bad_rows_are_listed_at_once(tmp_path):
+    path = write_csv(tmp_path, "1,a,x,zero\n2,b,y,-1\n3,c,z,4\n")
+    with pytest.raises(DataValidationError, match="2 bad row"):
+        read_competition_csv(path, with_price=True)
+
+
+def test_folds_are_balanced_and_stratified_by_price():
+    prices = np.exp(np.random.default_rng(0).normal(2.6, 1.0, 5000))
+    folds = assign_folds(prices, n_folds=5, n_bins=10, seed=1)
+    assert np.bincount(folds).tolist() == [1000] * 5
+    medians = [np.median(prices[folds == k]) for k in range(5)]
+    assert max(medians) / min(medians) < 1.05
+    assert (assign_folds(prices, 5, 10, seed=1) == folds).all()
+    assert (assign_folds(prices, 5, 10, seed=2) != folds).any()
+
+
+def _digest(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_same_seed_same_bytes(tmp_path):
+    a = synthetic.main(SyntheticConfig(out_dir=tmp_path / "a", n_train=60, n_test=20, seed=5, image_size=16))
+    b = synthetic.main(SyntheticConfig(out_dir=tmp_path / "b", n_train=60, n_test=20, seed=5, image_size=16))
+    c = synthetic.main(SyntheticConfig(out_dir=tmp_path / "c", n_train=60, n_test=20, seed=6, image_size=16))
+    assert _digest(a) == _digest(b)
+    assert _digest(a) != _digest(c)
+
+
+def test_synthetic_looks_like_the_competition(demo_catalog):
+    raw = demo_catalog / "raw"
+    train, test = pd.read_csv(raw / "train.csv"), pd.read_csv(raw / "test.csv")
+    assert list(train.columns) == ["sample_id", "catalog_content", "image_link", "price"]
+    assert list(test.columns) == ["sample_id", "catalog_content", "image_link"]
+    labels = pd.read_csv(raw / "test_labels.csv")
+    assert labels["sample_id"].tolist() == test["sample_id"].tolist() and (labels["price"] > 0).all()
+    prices = train["price"]
+    assert 0.3 < prices.min() < 3 and 7 < prices.median() < 25 and prices.max() > 150
+    assert train["catalog_content"].str.contains("Value: nan\nUnit: None").any()
+
+
+def test_synthetic_then_prepare_round_trip(demo_catalog):
+    data = demo_catalog / "data"
+    train, test = load_table(data, "train"), load_table(data, "test")
+    raw_train = pd.read_csv(demo_catalog / "raw" / "train.csv", dtype={"sample_id": str})
+    assert set(TRAIN_COLUMNS) <= set(train.columns)
+    assert train["sample_id"].tolist() == raw_train["sample_id"].tolist()
+    assert np.allclose(train["price"], raw_train["price"]) and np.allclose(train["log_price"], np.log1p(train["price"]))
+    assert set(train["fold"]) == {0, 1, 2, 3, 4}
+    assert (train["split"] == "val").sum() == (train["fold"] == 0).sum()
+    # units spelled many ways come out canonical; broken and corrupt images are counted, not fatal
+    assert set(train["unit"]) <= {"ounce", "fl_oz", "count", "pound", "none"}
+    report = read_json(data / "parse_report.json")
+    assert report["train"]["images_missing"] == int((~train["has_image"]).sum()) > 0
+    assert all(Path(p).exists() for p in train.loc[train["has_image"], "image_path"])
+    fl = train[train["unit"] == "fl_oz"].iloc[0]
+    assert fl["unit_volume"] == pytest.approx(fl["value"] * 29.5735) and fl["unit_weight"] == 0
+    assert len(test) == 150 and "price" not in test.columns
+
+
+def test_prepare_skips_when_complete_and_reruns_on_config_change(demo_catalog, tmp_path):
+    cfg = PrepareConfig(raw_dir=demo_catalog / "raw", out_dir=tmp_path / "p", download_workers=2)
+    first = prepare.main(cfg)
+    mtime = (tmp_path / "p" / "train.parquet").stat().st_mtime_ns
+    assert prepare.main(cfg) == first
+    assert (tmp_path / "p" / "train.parquet").stat().st_mtime_ns == mtime
+    prepare.main(PrepareConfig(raw_dir=cfg.raw_dir, out_dir=cfg.out_dir, seed=7, download_workers=2))
+    assert (tmp_path / "p" / "train.parquet").stat().st_mtime_ns != mtime
