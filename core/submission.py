@@ -78,9 +78,10 @@ def check_submission(pred_csv: Path, test_csv: Path | None = None, test_ids=None
     return problems
 
 
-def write_submission(path: Path, sample_ids, prices, test_csv: Path | None = None) -> Path:
+def write_submission(path: Path, sample_ids, prices, test_csv: Path | None = None, test_ids=None) -> Path:
     """Write `sample_id,price` atomically; refuse non-finite or non-positive prices and, given
-    `test_csv`, any file that fails `check_submission`. A rejected file never replaces a good one."""
+    `test_csv` or `test_ids`, any file that fails `check_submission`. A rejected file never
+    replaces a good one."""
     sample_ids = [str(s) for s in sample_ids]
     prices = np.asarray(prices, dtype=np.float64)
     if len(sample_ids) != len(prices):
@@ -95,12 +96,12 @@ def write_submission(path: Path, sample_ids, prices, test_csv: Path | None = Non
     for sid, price in zip(sample_ids, prices):
         writer.writerow([sid, repr(float(price))])
     path = Path(path)
-    if test_csv is not None:
+    if test_csv is not None or test_ids is not None:
         tmp = path.with_name(f".{path.name}.check")
         tmp.parent.mkdir(parents=True, exist_ok=True)
         tmp.write_text(buf.getvalue(), encoding="utf-8")
         try:
-            problems = check_submission(tmp, test_csv)
+            problems = check_submission(tmp, test_csv, test_ids=test_ids)
         finally:
             tmp.unlink(missing_ok=True)
         if problems:

@@ -21,3 +21,44 @@ def demo_catalog(tmp_path_factory):
     raw = synthetic.main(SyntheticConfig(out_dir=root / "raw", n_train=600, n_test=150, seed=3, image_size=32))
     prepare.main(PrepareConfig(raw_dir=raw, out_dir=root / "data", download_workers=4))
     return root
+
+
+def write_planted_caches(embeddings_dir, data_dir, raw_dir, seed=0, sources=None):
+    """Caches whose vectors carry log price: 'img' and 'txt' each see it through independent noise,
+    'noise' carries none. Missing images are masked as a real extraction would mask them."""
+    import numpy as np
+    import pandas as pd
+
+    from core.embedding_cache import EmbeddingCacheWriter
+    from core.tables import load_table
+
+    sources = sources or {"img": ("image", 16, 0.35), "txt": ("text", 24, 0.35), "noise": ("text", 8, None)}
+    labels = pd.read_csv(Path(raw_dir) / "test_labels.csv", dtype={"sample_id": str}).set_index("sample_id")["price"]
+    for split in ("train", "test"):
+        table = load_table(data_dir, split)
+        ids = table["sample_id"].astype(str).tolist()
+        log_price = np.log1p(table["price"].to_numpy() if split == "train" else labels.loc[ids].to_numpy())
+        for k, (name, (modality, dim, noise)) in enumerate(sources.items()):
+            rng = np.random.default_rng(seed * 100 + k)
+            direction = rng.normal(size=(2, dim))
+            rng_rows = np.random.default_rng(seed * 100 + k + (7 if split == "test" else 0))
+            if noise is None:
+                vectors = rng_rows.normal(size=(len(ids), dim))
+            else:
+                signal = (log_price - 2.6) + rng_rows.normal(0, noise, len(ids))
+                vectors = np.outer(signal, direction[0]) + np.outer(np.tanh(signal), direction[1])
+                vectors += rng_rows.normal(0, 0.3, vectors.shape)
+            present = table["has_image"].to_numpy() if modality == "image" else np.ones(len(ids), bool)
+            writer = EmbeddingCacheWriter(embeddings_dir, name, split, ids, dim=dim, modality=modality,
+                                          model=f"planted-{name}", chunk_size=256, dtype="float32")
+            for chunk, start, stop in writer.pending_chunks():
+                writer.write_chunk(chunk, vectors[start:stop], present[start:stop])
+            writer.finalize()
+    return embeddings_dir
+
+
+@pytest.fixture(scope="session")
+def planted(demo_catalog):
+    """The demo catalog plus planted-signal caches for three sources."""
+    write_planted_caches(demo_catalog / "embeddings", demo_catalog / "data", demo_catalog / "raw")
+    return demo_catalog

@@ -1,0 +1,272 @@
+"""The fusion block library (seeds 002-004), one interface, chosen by name.
+
+Every block takes `tokens` [B, S, D], one projected vector per source, and returns
+(fused [B, D], aux_loss scalar). The sources' modalities are given at construction, so blocks
+that treat image and text differently (film, bi_cross_attention, the routers) know which is
+which, and any number of sources works. Fixed relative to the seed's code:
+
+- shomr and energy_aware route with a straight-through Gumbel sample in training and argmax in
+  eval, so inference is deterministic (the seed sampled at inference).
+- energy_aware returns its energy penalty as the aux loss, which the trainer adds (the seed
+  computed it and dropped it).
+- transformer_concat adds a learned per-source modality embedding to each token (the seed
+  overwrote its modality token).
+- modality_dropout draws the mask per sample, and never drops every source of a sample (the seed
+  dropped a modality for the whole batch).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def mlp(in_dim: int, hidden: int, out_dim: int, dropout: float) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, out_dim))
+
+
+def pick_heads(dim: int, wanted: int) -> int:
+    heads = max(1, min(wanted, dim))
+    while dim % heads:
+        heads -= 1
+    return heads
+
+
+class FusionBlock(nn.Module):
+    def __init__(self, dim: int, modalities: list[str], dropout: float = 0.1, heads: int = 4):
+        super().__init__()
+        self.dim, self.n = dim, len(modalities)
+        self.heads = pick_heads(dim, heads)
+        image = [i for i, m in enumerate(modalities) if m == "image"]
+        other = [i for i, m in enumerate(modalities) if m != "image"]
+        # with one modality only, both groups are all sources, so every block still works
+        self.register_buffer("image_idx", torch.tensor(image or other), persistent=False)
+        self.register_buffer("other_idx", torch.tensor(other or image), persistent=False)
+
+    def groups(self, tokens):
+        return tokens.index_select(1, self.image_idx), tokens.index_select(1, self.other_idx)
+
+    def zero(self, tokens):
+        return tokens.new_zeros(())
+
+
+def straight_through_route(logits: torch.Tensor, training: bool, tau: float = 1.0) -> torch.Tensor:
+    """One-hot route per sample: Gumbel sample (straight-through gradients) when training, argmax in eval."""
+    if training:
+        return F.gumbel_softmax(logits.float(), tau=tau, hard=True).to(logits.dtype)
+    return F.one_hot(logits.argmax(-1), logits.shape[-1]).to(logits.dtype)
+
+
+class ConcatMLP(FusionBlock):
+    def __init__(self, dim, modalities, dropout=0.1, **kw):
+        super().__init__(dim, modalities, dropout)
+        self.net = mlp(self.n * dim, 2 * dim, dim, dropout)
+
+    def forward(self, tokens):
+        return self.net(tokens.flatten(1)), self.zero(tokens)
+
+
+class Gated(FusionBlock):
+    """Per-dimension convex blend of the sources; with two sources this is sigmoid(W[v;t]) gating."""
+
+    def __init__(self, dim, modalities, dropout=0.1, **kw):
+        super().__init__(dim, modalities, dropout)
+        self.gate = nn.Linear(self.n * dim, self.n * dim)
+
+    def forward(self, tokens):
+        b, s, d = tokens.shape
+        g = torch.softmax(self.gate(tokens.flatten(1)).view(b, s, d), dim=1)
+        return (g * tokens).sum(1), self.zero(tokens)
+
+
+class FiLM(FusionBlock):
+    """Text conditions vision: gamma(t) * v + beta(t). Deliberately asymmetric."""
+
+    def __init__(self, dim, modalities, dropout=0.1, **kw):
+        super().__init__(dim, modalities, dropout)
+        self.gamma, self.beta = nn.Linear(dim, dim), nn.Linear(dim, dim)
+        nn.init.zeros_(self.gamma.weight)
+        nn.init.ones_(self.gamma.bias)  # starts as the identity on v
+
+    def forward(self, tokens):
+        image, other = self.groups(tokens)
+        v, t = image.mean(1), other.mean(1)
+        return self.gamma(t) * v + self.beta(t), self.zero(tokens)
+
+
+class ModalityDropout(FusionBlock):
+    """Concat-MLP that, in training, replaces each source of each sample by a learned token with
+    probability p, keeping at least one source per sample."""
+
+    def __init__(self, dim, modalities, dropout=0.1, p_drop: float = 0.2, **kw):
+        super().__init__(dim, modalities, dropout)
+        self.p_drop = p_drop
+        self.dropped = nn.Parameter(torch.zeros(self.n, dim))
+        self.net = mlp(self.n * dim, 2 * dim, dim, dropout)
+        self.last_keep = None
+
+    def forward(self, tokens):
+        if self.training and self.p_drop > 0:
+            b = tokens.shape[0]
+            keep = torch.rand(b, self.n, device=tokens.device) >= self.p_drop
+            none_kept = ~keep.any(1)
+            rescue = torch.randint(0, self.n, (b,), device=tokens.device)
+            keep[none_kept, rescue[none_kept]] = True
+            self.last_keep = keep
+            tokens = torch.where(keep[..., None], tokens, self.dropped.to(tokens.dtype).expand_as(tokens))
+        return self.net(tokens.flatten(1)), self.zero(tokens)
+
+
+class TransformerConcat(FusionBlock):
+    def __init__(self, dim, modalities, dropout=0.1, layers: int = 1, **kw):
+        super().__init__(dim, modalities, dropout)
+        self.modality_embedding = nn.Parameter(torch.randn(self.n, dim) * 0.02)
+        layer = nn.TransformerEncoderLayer(dim, self.heads, 2 * dim, dropout, batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+
+    def forward(self, tokens):
+        return self.encoder(tokens + self.modality_embedding.to(tokens.dtype)).mean(1), self.zero(tokens)
+
+
+class CrossAttention(FusionBlock):
+    """Attention pooling: the mean token queries all source tokens, then an FFN with residual."""
+
+    def __init__(self, dim, modalities, dropout=0.1, **kw):
+        super().__init__(dim, modalities, dropout)
+        self.norm_q, self.norm_kv, self.norm_out = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn = nn.MultiheadAttention(dim, self.heads, dropout=dropout, batch_first=True)
+        self.ffn = mlp(dim, 2 * dim, dim, dropout)
+        self.record_attention, self.last_attention = False, None
+
+    def forward(self, tokens):
+        q = self.norm_q(tokens.mean(1, keepdim=True))
+        kv = self.norm_kv(tokens)
+        z, w = self.attn(q, kv, kv, need_weights=self.record_attention)
+        self.last_attention = w
+        z = z.squeeze(1)
+        return z + self.ffn(self.norm_out(z)), self.zero(tokens)
+
+
+class BiCrossAttention(FusionBlock):
+    """Seed 004: image attends to text, then text attends to the updated image; pooled and merged."""
+
+    def __init__(self, dim, modalities, dropout=0.1, **kw):
+        super().__init__(dim, modalities, dropout)
+        self.image_to_text = nn.MultiheadAttention(dim, self.heads, dropout=dropout, batch_first=True)
+        self.text_to_image = nn.MultiheadAttention(dim, self.heads, dropout=dropout, batch_first=True)
+        self.norm_image, self.norm_text = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.merge = nn.Sequential(nn.Linear(2 * dim, dim), nn.GELU())
+
+    def forward(self, tokens):
+        image, text = self.groups(tokens)
+        u, _ = self.image_to_text(image, text, text, need_weights=False)
+        image = self.norm_image(image + u)
+        u, _ = self.text_to_image(text, image, image, need_weights=False)
+        text = self.norm_text(text + u)
+        return self.merge(torch.cat([image.mean(1), text.mean(1)], -1)), self.zero(tokens)
+
+
+class _SoftFusion(nn.Module):
+    """Confidence-weighted sum of the sources plus self-attention, with an FFN."""
+
+    def __init__(self, dim, n, heads, dropout):
+        super().__init__()
+        self.confidence = nn.Linear(n * dim, n)
+        self.attn = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
+        self.norm = nn.LayerNorm(dim)
+        self.ffn = mlp(dim, 2 * dim, dim, dropout)
+
+    def forward(self, tokens):
+        w = torch.softmax(self.confidence(tokens.flatten(1)), -1)
+        base = (w[..., None] * tokens).sum(1)
+        a, _ = self.attn(tokens, tokens, tokens, need_weights=False)
+        x = self.norm(base + a.mean(1))
+        return x + self.ffn(x)
+
+
+class SHoMR(FusionBlock):
+    """Soft-hard modality routing: per sample, route to vision-only, text-only or the soft fusion."""
+
+    def __init__(self, dim, modalities, dropout=0.1, **kw):
+        super().__init__(dim, modalities, dropout)
+        self.soft = _SoftFusion(dim, self.n, self.heads, dropout)
+        self.router = nn.Linear(self.n * dim, 3)
+        self.vision, self.text = nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.last_route = None
+
+    def forward(self, tokens):
+        image, other = self.groups(tokens)
+        paths = torch.stack([self.vision(image.mean(1)), self.text(other.mean(1)), self.soft(tokens)], 1)
+        route = straight_through_route(self.router(tokens.flatten(1)), self.training)
+        self.last_route = route.detach()
+        return (route[..., None] * paths).sum(1), self.zero(tokens)
+
+
+class EnergyAware(FusionBlock):
+    """Routes per sample to vision-only, text-only or both (gated + attention), under an energy budget.
+
+    The expected cost of the router's choice above `budget` is returned as the aux loss."""
+
+    def __init__(self, dim, modalities, dropout=0.1, energy_costs=(1.0, 1.0, 3.0), energy_budget: float = 1.5,
+                 energy_weight: float = 0.1, **kw):
+        super().__init__(dim, modalities, dropout)
+        self.router = nn.Linear(self.n * dim, 3)
+        self.gated = Gated(dim, modalities, dropout)
+        self.attn = nn.MultiheadAttention(dim, self.heads, dropout=dropout, batch_first=True)
+        self.norm = nn.LayerNorm(dim)
+        self.ffn = mlp(dim, 2 * dim, dim, dropout)
+        self.register_buffer("costs", torch.tensor(energy_costs), persistent=False)
+        self.budget, self.weight = energy_budget, energy_weight
+        self.last_energy = None
+
+    def forward(self, tokens):
+        image, other = self.groups(tokens)
+        gated, _ = self.gated(tokens)
+        a, _ = self.attn(tokens, tokens, tokens, need_weights=False)
+        both = self.ffn(self.norm(gated + a.mean(1)))
+        paths = torch.stack([image.mean(1), other.mean(1), both], 1)
+        logits = self.router(tokens.flatten(1))
+        route = straight_through_route(logits, self.training)
+        energy = (torch.softmax(logits.float(), -1) * self.costs).sum(-1).mean()
+        self.last_energy = energy.detach()
+        aux = self.weight * F.relu(energy - self.budget)
+        return (route[..., None] * paths).sum(1), aux
+
+
+class MixtureOfExperts(FusionBlock):
+    """Soft gating over expert MLPs; aux loss pushes the experts' mean load toward uniform."""
+
+    def __init__(self, dim, modalities, dropout=0.1, n_experts: int = 3, load_balance_weight: float = 0.01, **kw):
+        super().__init__(dim, modalities, dropout)
+        self.gate = nn.Linear(self.n * dim, n_experts)
+        self.experts = nn.ModuleList(mlp(self.n * dim, 2 * dim, dim, dropout) for _ in range(n_experts))
+        self.load_balance_weight = load_balance_weight
+        self.last_load = None
+
+    def forward(self, tokens):
+        x = tokens.flatten(1)
+        g = torch.softmax(self.gate(x).float(), -1)
+        out = sum(g[:, e, None].to(x.dtype) * expert(x) for e, expert in enumerate(self.experts))
+        load = g.mean(0)
+        self.last_load = load.detach()
+        return out, self.load_balance_weight * len(self.experts) * (load ** 2).sum()
+
+
+BLOCKS = {
+    "concat_mlp": ConcatMLP,
+    "gated": Gated,
+    "film": FiLM,
+    "modality_dropout": ModalityDropout,
+    "transformer_concat": TransformerConcat,
+    "cross_attention": CrossAttention,
+    "bi_cross_attention": BiCrossAttention,
+    "shomr": SHoMR,
+    "energy_aware": EnergyAware,
+    "moe": MixtureOfExperts,
+}
+
+
+def build_block(name: str, dim: int, modalities: list[str], dropout: float = 0.1, **kwargs) -> FusionBlock:
+    if name not in BLOCKS:
+        raise ValueError(f"unknown fusion block {name!r}; choose from {', '.join(BLOCKS)}")
+    return BLOCKS[name](dim, modalities, dropout=dropout, **kwargs)

@@ -1,0 +1,48 @@
+"""The fields every fusion model shares. Each model's own `config.py` (fusion/all_embeddings,
+fusion/qwen_clip) holds the instance a user edits, and its tiny profile."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class FusionConfig:
+    # where things are
+    run_name: str = "all_embeddings"  # run folder: out_dir/run_name
+    data_dir: Path = Path("checkpoints/data")  # processed tables from data.prepare (the split lives here)
+    embeddings_dir: Path = Path("checkpoints/embeddings")  # caches: embeddings_dir/<source>/<split>/
+    out_dir: Path = Path("checkpoints/fusion")
+    sources: list[str] = field(default_factory=lambda: ["clip_image", "siglip_image", "siglip_text", "qwen_text"])
+    # model: modality and width of each source come from its cache, never from here
+    architecture: str = "hierarchical"  # hierarchical (all_embeddings) | block (one block from fusion.blocks)
+    block: str = "concat_mlp"  # used when architecture=block
+    use_advanced_model: bool = True  # hierarchical: cross-attention + MoE; false: concat + MLP head
+    hidden_dim: int = 512  # branch output width
+    n_tokens: int = 4  # hierarchical: each branch output is split into this many tokens
+    n_heads: int = 8
+    n_experts: int = 3
+    expert_dims: list[int] = field(default_factory=lambda: [1024, 512, 256])
+    load_balance_weight: float = 0.01  # MoE load-balancing term; 0 turns it off
+    energy_weight: float = 0.1  # energy_aware block: weight of the energy-budget penalty
+    energy_budget: float = 1.5  # energy_aware block: expected cost allowed per sample
+    dropout: float = 0.25
+    # loss, in log1p(price) space
+    loss: str = "weighted_smape"  # weighted_smape | smape | focal_smape | huber_smape | l1 | mse
+    price_thresholds: list[float] = field(default_factory=lambda: [5.0, 10.0, 30.0, 60.0, 200.0])
+    tier_weights: list[float] = field(default_factory=lambda: [10.0, 8.0, 6.0, 4.0, 2.0, 1.0])
+    l1_warmup_epochs: int = 3  # L1 on log price first: SMAPE's gradient vanishes on large errors
+    # optimisation
+    batch_size: int = 256
+    epochs: int = 1000  # upper bound; early stopping ends runs long before
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    plateau_patience: int = 5  # ReduceLROnPlateau on validation SMAPE
+    plateau_factor: float = 0.5
+    early_stopping_patience: int = 30
+    grad_clip: float = 1.0
+    folds: str = "holdout"  # holdout: train on the other folds, validate on data's holdout fold; all: k-fold + out-of-fold predictions
+    seed: int = 42
+    device: str = "auto"  # auto | cpu | cuda
+    precision: str = "auto"  # auto (bf16 on CUDA) | fp16 | fp32
+    resume: bool = True  # continue an interrupted run with the same config; a finished fold is skipped
