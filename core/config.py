@@ -14,8 +14,10 @@ import types
 import typing
 from pathlib import Path
 
+from core.errors import PipelineError
 
-class ConfigError(ValueError):
+
+class ConfigError(PipelineError, ValueError):
     pass
 
 

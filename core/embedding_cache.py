@@ -23,12 +23,13 @@ from pathlib import Path
 
 import numpy as np
 
+from core.errors import PipelineError
 from core.io import atomic_save, read_json, write_json
 
 MODALITIES = ("image", "text", "tabular")
 
 
-class CacheError(RuntimeError):
+class CacheError(PipelineError, RuntimeError):
     pass
 
 

@@ -8,12 +8,13 @@ from pathlib import Path
 
 import numpy as np
 
+from core.errors import PipelineError
 from core.io import atomic_write_text
 
 HEADER = ["sample_id", "price"]
 
 
-class SubmissionError(ValueError):
+class SubmissionError(PipelineError, ValueError):
     pass
 
 

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from core.errors import PipelineError
 from core.io import read_json
 
 COMMON_COLUMNS = ["sample_id", "item_name", "text", "value", "unit", "quantity_value", "unit_volume",
@@ -14,7 +15,7 @@ STRUCTURAL_FEATURES = ["quantity_value", "unit_volume", "unit_weight"]
 META_FILE = "prepare.json"
 
 
-class TableError(RuntimeError):
+class TableError(PipelineError, RuntimeError):
     pass
 
 

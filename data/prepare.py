@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import csv
 import math
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from core.config import parse_args, to_dict
+from core.errors import PipelineError, run_cli
 from core.io import atomic_save, read_json, write_json
 from core.runtime import progress, setup_logging
 from core.tables import META_FILE
@@ -29,7 +29,7 @@ from data.images import fetch_images
 REQUIRED = ["sample_id", "catalog_content", "image_link"]
 
 
-class DataValidationError(ValueError):
+class DataValidationError(PipelineError, ValueError):
     pass
 
 
@@ -161,7 +161,7 @@ def main(cfg: PrepareConfig) -> dict:
             log.info("%s is complete for this config and these inputs; nothing to do (force=true reruns)", out_dir)
             return meta
     if cfg.n_folds < 2 or not 0 <= cfg.holdout_fold < cfg.n_folds:
-        raise ValueError(f"need n_folds >= 2 and 0 <= holdout_fold < n_folds, got {cfg.n_folds}, {cfg.holdout_fold}")
+        raise DataValidationError(f"need n_folds >= 2 and 0 <= holdout_fold < n_folds, got {cfg.n_folds}, {cfg.holdout_fold}")
 
     write_json(meta_path, {"config": to_dict(cfg), "complete": False})
     train = read_competition_csv(train_csv, with_price=True)
@@ -209,8 +209,4 @@ def main(cfg: PrepareConfig) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main(parse_args(PrepareConfig, profiles=PREPARE_PROFILES))
-    except (DataValidationError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    run_cli(lambda: main(parse_args(PrepareConfig, profiles=PREPARE_PROFILES)))

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import csv
 import io
-import sys
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 
 from core.config import parse_args
+from core.errors import run_cli
 from core.io import atomic_write_bytes, atomic_write_text
 from core.runtime import progress
 from data.config import SYNTHETIC_PROFILES, SyntheticConfig
@@ -168,8 +168,4 @@ def main(cfg: SyntheticConfig) -> Path:
 
 
 if __name__ == "__main__":
-    try:
-        main(parse_args(SyntheticConfig, profiles=SYNTHETIC_PROFILES))
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    run_cli(lambda: main(parse_args(SyntheticConfig, profiles=SYNTHETIC_PROFILES)))

@@ -17,6 +17,7 @@ from pathlib import Path
 import pandas as pd
 
 from core.config import parse_args
+from core.errors import run_cli
 from core.io import atomic_save, read_json
 from core.metrics import format_table
 from fusion import train
@@ -59,4 +60,4 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

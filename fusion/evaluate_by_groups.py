@@ -17,6 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from core.errors import PipelineError, run_cli  # noqa: E402
 from core.io import atomic_save  # noqa: E402
 from core.metrics import format_table, price_bin_report, smape  # noqa: E402
 from fusion.train import parse_cli  # noqa: E402
@@ -26,7 +27,7 @@ def main(cfg) -> pd.DataFrame:
     run_dir = Path(cfg.out_dir) / cfg.run_name
     fold_dirs = sorted(d for d in run_dir.glob("fold_*") if (d / "val_predictions.csv").exists())
     if not fold_dirs:
-        raise FileNotFoundError(f"no fold_*/val_predictions.csv in {run_dir}; train first")
+        raise PipelineError(f"no fold_*/val_predictions.csv in {run_dir}; train first")
     preds = pd.concat([pd.read_csv(d / "val_predictions.csv") for d in fold_dirs])
     out = run_dir / "eval"
     out.mkdir(parents=True, exist_ok=True)
@@ -60,4 +61,4 @@ def main(cfg) -> pd.DataFrame:
 
 
 if __name__ == "__main__":
-    main(parse_cli())
+    run_cli(lambda: main(parse_cli()))

@@ -17,14 +17,19 @@ DEFAULT_THRESHOLDS = (5.0, 10.0, 30.0, 60.0, 200.0)
 DEFAULT_TIER_WEIGHTS = (10.0, 8.0, 6.0, 4.0, 2.0, 1.0)
 
 
+def _full(x: torch.Tensor) -> torch.Tensor:
+    """Half-precision inputs (under autocast) are computed in float32; float64 stays float64."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 def to_price(log_pred: torch.Tensor) -> torch.Tensor:
     """expm1 with a smooth positive floor: equal to expm1 above ~$0.2, never 0, gradient never 0."""
-    return F.softplus(torch.expm1(log_pred), beta=20.0) + 1e-3
+    return F.softplus(torch.expm1(log_pred), beta=20.0)
 
 
 def smape_rows(log_pred: torch.Tensor, log_target: torch.Tensor) -> torch.Tensor:
     """Per-row SMAPE as a fraction in [0, 2]: |p - y| / ((p + y) / 2)."""
-    p, y = to_price(log_pred.float()), torch.expm1(log_target.float())
+    p, y = to_price(_full(log_pred)), torch.expm1(_full(log_target))
     return 2.0 * (p - y).abs() / (p + y)
 
 
@@ -40,10 +45,11 @@ def tier_weights(log_target: torch.Tensor, thresholds: Sequence[float] = DEFAULT
     row ended up with weight 1.)"""
     if len(weights) != len(thresholds) + 1:
         raise ValueError(f"need one more weight than thresholds, got {len(weights)} and {len(thresholds)}")
-    price = torch.expm1(log_target.float())
-    edges = torch.tensor(list(thresholds), dtype=price.dtype, device=price.device)
-    table = torch.tensor(list(weights), dtype=price.dtype, device=price.device)
-    return table[torch.bucketize(price, edges, right=True)]
+    log_target = _full(log_target)
+    # compared in log space, so a price exactly on a threshold lands in the upper bin in any precision
+    edges = torch.log1p(torch.tensor(list(thresholds), dtype=torch.float64)).to(log_target.dtype).to(log_target.device)
+    table = torch.tensor(list(weights), dtype=log_target.dtype, device=log_target.device)
+    return table[torch.bucketize(log_target, edges, right=True)]
 
 
 def weighted_smape_loss(log_pred, log_target, thresholds=DEFAULT_THRESHOLDS, weights=DEFAULT_TIER_WEIGHTS):
@@ -60,16 +66,16 @@ def focal_smape_loss(log_pred, log_target, gamma: float = 2.0):
 
 def huber_smape_loss(log_pred, log_target, delta: float = 1.0, smape_weight: float = 0.5):
     """Huber on log price plus a share of SMAPE: stable gradients early, the metric late."""
-    huber = F.huber_loss(log_pred.float(), log_target.float(), delta=delta)
+    huber = F.huber_loss(_full(log_pred), _full(log_target), delta=delta)
     return huber + smape_weight * smape_loss(log_pred, log_target)
 
 
 def l1_log_loss(log_pred, log_target):
-    return (log_pred.float() - log_target.float()).abs().mean()
+    return (_full(log_pred) - _full(log_target)).abs().mean()
 
 
 def mse_log_loss(log_pred, log_target):
-    return ((log_pred.float() - log_target.float()) ** 2).mean()
+    return ((_full(log_pred) - _full(log_target)) ** 2).mean()
 
 
 LOSSES = {

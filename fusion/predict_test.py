@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from core.errors import PipelineError, run_cli
 from core.io import read_json
 from core.runtime import amp_dtype, pick_device, setup_logging
 from core.submission import write_submission
@@ -28,7 +29,7 @@ def main(cfg, output: Path | None = None) -> Path:
     log = setup_logging("fusion.predict_test", run_dir)
     checkpoints = sorted(run_dir.glob("fold_*/best.pt"))
     if not checkpoints:
-        raise FileNotFoundError(f"no fold_*/best.pt in {run_dir}; train first: python -m fusion.train run_name={cfg.run_name}")
+        raise PipelineError(f"no fold_*/best.pt in {run_dir}; train first: python -m fusion.train run_name={cfg.run_name}")
     device = pick_device(cfg.device)
     table = load_table(cfg.data_dir, "test")
     inputs = load_inputs(cfg, "test", table["sample_id"].tolist(), device)
@@ -38,7 +39,7 @@ def main(cfg, output: Path | None = None) -> Path:
         model, ckpt = load_checkpoint(path, device)
         if [s["name"] for s in ckpt["sources"]] != [s.name for s in inputs.specs] or \
                 [s["dim"] for s in ckpt["sources"]] != [s.dim for s in inputs.specs]:
-            raise ValueError(f"{path} was trained on sources {ckpt['sources']}, but the test caches are {inputs.specs}")
+            raise PipelineError(f"{path} was trained on sources {ckpt['sources']}, but the test caches are {inputs.specs}")
         logs.append(predict_log(model, inputs, idx, 4096, device, amp_dtype(device, cfg.precision)))
         floors.append(ckpt["price_floor"])
     prices = np.maximum(np.expm1(np.mean(logs, 0).astype(np.float64)), min(floors))
@@ -54,4 +55,4 @@ def main(cfg, output: Path | None = None) -> Path:
 if __name__ == "__main__":
     args = sys.argv[1:]
     out = next((a.split("=", 1)[1] for a in args if a.startswith("output=")), None)
-    main(parse_cli([a for a in args if not a.startswith("output=")]), out)
+    run_cli(lambda: main(parse_cli([a for a in args if not a.startswith("output=")]), out))

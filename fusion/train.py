@@ -26,6 +26,7 @@ import torch
 
 from core.config import ConfigError, from_dict, parse_args, to_dict
 from core.embedding_cache import load_embeddings
+from core.errors import run_cli
 from core.io import atomic_save, read_json, write_json
 from core.metrics import format_table, price_bin_report, smape
 from core.runtime import amp_dtype, autocast, pick_device, progress, seed_everything, setup_logging
@@ -252,4 +253,4 @@ def main(cfg: FusionConfig) -> dict:
 
 
 if __name__ == "__main__":
-    main(parse_cli())
+    run_cli(lambda: main(parse_cli()))

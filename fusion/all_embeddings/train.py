@@ -2,7 +2,8 @@
 is `python -m fusion.train model=all_embeddings [key=value ...]`."""
 import sys
 
+from core.errors import run_cli
 from fusion.train import main, parse_cli
 
 if __name__ == "__main__":
-    main(parse_cli(["model=all_embeddings", *sys.argv[1:]]))
+    run_cli(lambda: main(parse_cli(["model=all_embeddings", *sys.argv[1:]])))
