@@ -8,11 +8,13 @@ Writes DIR/train.csv, DIR/test.csv, DIR/test_labels.csv (the hidden test prices)
 
 price = per-unit price of the product type x Value (pack size x item size, from the Value/Unit
 lines) x brand tier (text) x colour x shape x packaging quality (image) x log-normal noise.
-Text alone leaves the image factors unexplained and the image alone knows nothing of quantity,
-so a model that fuses both should beat either.
+The image's background tint also shows the product type, as a photo would. Text alone leaves
+the image factors unexplained and the image alone knows nothing of quantity or brand, so a
+model that fuses both should beat either.
 """
 from __future__ import annotations
 
+import colorsys
 import csv
 import io
 from pathlib import Path
@@ -67,8 +69,15 @@ FILLER = ["Great for everyday use.", "Makes a thoughtful gift.", "Satisfaction g
           "Store in a cool, dry place.", "Family owned since 1982.", "Packed fresh in the USA."]
 
 
-def draw_image(size: int, colour, shape: str, framed: bool, rng: np.random.Generator) -> bytes:
-    bg = tuple(int(v) for v in rng.integers(225, 256, size=3))
+def background_tint(type_index: int) -> tuple[int, int, int]:
+    """A pastel per product type: a photo shows what the product is, so the image carries the type too."""
+    hue = (type_index * 0.618034) % 1.0
+    r, g, b = colorsys.hsv_to_rgb(hue, 0.35, 0.95)
+    return int(r * 255), int(g * 255), int(b * 255)
+
+
+def draw_image(size: int, colour, shape: str, framed: bool, tint, rng: np.random.Generator) -> bytes:
+    bg = tuple(int(np.clip(c + rng.integers(-8, 9), 0, 255)) for c in tint)
     img = Image.new("RGB", (size, size), bg)
     d = ImageDraw.Draw(img)
     m = size * (0.18 + 0.08 * rng.random())
@@ -90,7 +99,8 @@ def draw_image(size: int, colour, shape: str, framed: bool, rng: np.random.Gener
 
 def make_row(rng: np.random.Generator) -> tuple[str, float, dict]:
     """(catalog_content, price, image spec) for one synthetic product."""
-    name, family, unit_price, sizes, _ = PRODUCT_TYPES[rng.choice(len(PRODUCT_TYPES), p=_TYPE_P)]
+    type_index = int(rng.choice(len(PRODUCT_TYPES), p=_TYPE_P))
+    name, family, unit_price, sizes, _ = PRODUCT_TYPES[type_index]
     tier_mult, brands, tier_words = BRAND_TIERS[rng.choice(len(BRAND_TIERS), p=[0.3, 0.4, 0.22, 0.08])]
     brand = brands[rng.integers(len(brands))]
     size = float(sizes[rng.integers(len(sizes))])
@@ -122,7 +132,8 @@ def make_row(rng: np.random.Generator) -> tuple[str, float, dict]:
         pass
     else:
         lines += [f"Value: {value:.1f}", f"Unit: {unit_text}"]
-    return "\n".join(lines) + "\n", price, {"colour": colour, "shape": shape, "framed": framed}
+    return "\n".join(lines) + "\n", price, {"colour": colour, "shape": shape, "framed": framed,
+                                             "tint": background_tint(type_index)}
 
 
 def main(cfg: SyntheticConfig) -> Path:
@@ -137,7 +148,7 @@ def main(cfg: SyntheticConfig) -> Path:
         sid = int(ids[i])
         link = f"images/{sid}.png"
         fault = rng.random()
-        image = draw_image(cfg.image_size, spec["colour"], spec["shape"], spec["framed"], rng)
+        image = draw_image(cfg.image_size, spec["colour"], spec["shape"], spec["framed"], spec["tint"], rng)
         if fault < cfg.missing_image_rate / 2:
             link = f"images/missing_{sid}.png"  # a broken link: the file never exists
         else:

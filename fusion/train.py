@@ -32,7 +32,7 @@ from core.metrics import format_table, price_bin_report, smape
 from core.runtime import amp_dtype, autocast, pick_device, progress, seed_everything, setup_logging
 from core.tables import holdout_fold, load_table, n_folds
 from fusion.config import FusionConfig
-from fusion.loss_functions import get_loss, l1_log_loss
+from core.losses import get_loss, l1_log_loss
 from fusion.models import SourceSpec, build_model, count_parameters, specs_to_dicts
 
 MODELS = ("all_embeddings", "qwen_clip")

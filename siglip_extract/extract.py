@@ -1,0 +1,82 @@
+"""Extract SigLIP image and text embeddings for the processed tables into the embedding cache.
+
+    python -m siglip_extract.extract                       # so400m at 384 px, train and test
+    python -m siglip_extract.extract split=test batch_size=512
+    torchrun --nproc_per_node=4 -m siglip_extract.extract  # rows sharded across GPUs by chunk
+    python -m siglip_extract.extract profile=tiny          # the demo's tiny SigLIP, CPU
+
+Writes two sources per split, `siglip_image` and `siglip_text`, with the width the model reports.
+Images go through open_clip's SigLIP transform (resize, mean/std 0.5) and the attention-pooling
+head; text is padded to the 64 tokens the text tower was trained with. Rows without a usable
+image are masked. An interrupted run resumes at the first chunk not on disk.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from core.config import parse_args
+from core.distributed import barrier, cleanup, init_distributed
+from core.embedding_cache import EmbeddingCacheWriter
+from core.encode import encode_image_batches, encode_text_batches, fill_cache, image_loader, pending_rows
+from core.errors import run_cli
+from core.open_clip_models import load_open_clip
+from core.runtime import amp_dtype, pick_device, setup_logging
+from core.tables import load_table
+from siglip_extract.config import PROFILES, SiglipConfig
+
+
+def image_size_of(model) -> int:
+    size = getattr(model.visual, "image_size", 224)
+    return int(size[0] if isinstance(size, (tuple, list)) else size)
+
+
+def main(cfg: SiglipConfig) -> dict:
+    dist = init_distributed(cfg.device)
+    device = pick_device(cfg.device)
+    if device.type == "cuda" and dist.enabled:
+        device = torch.device("cuda", dist.local_rank)
+    dtype = amp_dtype(device, cfg.precision)
+    log = setup_logging("siglip_extract", Path(cfg.embeddings_dir) if dist.is_main else None)
+    model, _, transform, tokenizer = load_open_clip(cfg.model, cfg.pretrained, device)
+    model.eval()
+    size = image_size_of(model)
+    with torch.no_grad():
+        image_dim = model.encode_image(torch.zeros(1, 3, size, size, device=device)).shape[1]
+        text_dim = model.encode_text(tokenizer(["probe"]).to(device)).shape[1]
+    context_length = tokenizer(["probe"]).shape[1]
+    log.info("model %s: image %d-d at %d px, text %d-d padded to %d tokens, device %s, amp %s",
+             cfg.model, image_dim, size, text_dim, context_length, device, dtype)
+    cache_config = {"model": cfg.model, "pretrained": cfg.pretrained, "text_column": cfg.text_column,
+                    "precision": cfg.precision, "image_size": size, "context_length": context_length}
+    written = {}
+    for split in (["train", "test"] if cfg.split == "both" else [cfg.split]):
+        table = load_table(cfg.data_dir, split)
+        ids = table["sample_id"].tolist()
+        common = dict(model=cfg.model, config=cache_config, dtype=cfg.storage_dtype, chunk_size=cfg.chunk_size,
+                      rank=dist.rank, world_size=dist.world_size)
+        image_writer = EmbeddingCacheWriter(cfg.embeddings_dir, cfg.image_source, split, ids, image_dim, "image", **common)
+        barrier(dist)
+        rows = pending_rows(image_writer)
+        loader = image_loader(table["image_path"].to_numpy()[rows], table["has_image"].to_numpy()[rows], transform,
+                              size, cfg.batch_size, cfg.num_workers, device)
+        n = fill_cache(image_writer, encode_image_batches(model.encode_image, loader, device, dtype),
+                       f"siglip image {split}")
+        text_writer = EmbeddingCacheWriter(cfg.embeddings_dir, cfg.text_source, split, ids, text_dim, "text", **common)
+        barrier(dist)
+        rows = pending_rows(text_writer)
+        texts = table[cfg.text_column].to_numpy()[rows]
+        m = fill_cache(text_writer, encode_text_batches(model.encode_text, tokenizer, texts, cfg.text_batch_size,
+                                                        device, dtype), f"siglip text {split}")
+        barrier(dist)
+        if dist.is_main:
+            written[split] = [image_writer.finalize(), text_writer.finalize()]
+            log.info("%s: encoded %d images and %d texts now; caches %s", split, n, m, ", ".join(map(str, written[split])))
+    barrier(dist)
+    cleanup(dist)
+    return written
+
+
+if __name__ == "__main__":
+    run_cli(lambda: main(parse_args(SiglipConfig, profiles=PROFILES)))
