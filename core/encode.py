@@ -16,7 +16,8 @@ from core.runtime import autocast, progress
 
 
 class ImageRows(torch.utils.data.Dataset):
-    """(pixels, present) per row; a row without a usable image yields blank pixels and present=False."""
+    """(pixels, present, row index) per row; a row without a usable image yields blank pixels and
+    present=False."""
 
     def __init__(self, paths, has_image, transform, image_size: int):
         self.paths, self.has_image = list(paths), np.asarray(has_image, bool)
@@ -29,10 +30,10 @@ class ImageRows(torch.utils.data.Dataset):
         if self.has_image[i]:
             try:
                 with Image.open(self.paths[i]) as img:
-                    return self.transform(img.convert("RGB")), True
+                    return self.transform(img.convert("RGB")), True, i
             except (OSError, ValueError):
                 pass  # unreadable since data.prepare checked it: masked like a missing image
-        return torch.zeros(3, self.image_size, self.image_size), False
+        return torch.zeros(3, self.image_size, self.image_size), False, i
 
 
 def image_loader(paths, has_image, transform, image_size, batch_size, num_workers, device, shuffle=False,
@@ -80,7 +81,7 @@ def pending_rows(writer: EmbeddingCacheWriter) -> np.ndarray:
 def encode_image_batches(encode_fn, loader, device, dtype):
     """Yield (vectors, present) per batch from an ImageRows loader."""
     with torch.no_grad():
-        for pixels, present in loader:
+        for pixels, present, _ in loader:
             with autocast(device, dtype):
                 vectors = encode_fn(pixels.to(device, non_blocking=True))
             yield vectors.float().cpu().numpy(), present.numpy()

@@ -62,3 +62,16 @@ def planted(demo_catalog):
     """The demo catalog plus planted-signal caches for three sources."""
     write_planted_caches(demo_catalog / "embeddings", demo_catalog / "data", demo_catalog / "raw")
     return demo_catalog
+
+
+@pytest.fixture(scope="session")
+def tiny_models(demo_catalog):
+    """Tiny CLIP and SigLIP folders (random weights, tokenizer trained on the demo texts)."""
+    from core.open_clip_models import make_tiny_open_clip
+    from core.tables import load_table
+
+    folder = demo_catalog / "models"
+    texts = load_table(demo_catalog / "data", "train")["text"].tolist()
+    make_tiny_open_clip(folder / "clip_tiny", "clip")
+    make_tiny_open_clip(folder / "siglip_tiny", "siglip", corpus=texts)
+    return folder
