@@ -1,0 +1,62 @@
+"""QLoRA fine-tuning of Qwen3-Embedding as a price regressor with three structural features.
+Edit the defaults here or override any field as key=value."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+
+@dataclass
+class QwenConfig:
+    model: str = "Qwen/Qwen3-Embedding-0.6B"  # Hugging Face name, or a local folder
+    data_dir: Path = Path("checkpoints/data")
+    out_dir: Path = Path("checkpoints/qwen3_finetune")  # run folder: out_dir/run_name
+    run_name: str = "qwen3_embedding_0.6b"
+    # input and pooling
+    max_length: int = 512  # tokens; batches are padded only to their longest row
+    pooling: str = "last"  # last (what Qwen3-Embedding was trained for, with left padding) | mean
+    # adapters
+    quantization: str = "4bit"  # 4bit: QLoRA, NF4 + double quantisation, bf16 compute | none: plain LoRA
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj",
+                                                             "gate_proj", "up_proj", "down_proj"])
+    gradient_checkpointing: bool = True
+    head_hidden: int = 256  # regression head on [pooled vector, 3 standardised structural features]
+    # loss, in log1p(price) space
+    loss: str = "huber_smape"  # the seed's Huber + SMAPE; or weighted_smape | smape | l1 | mse | focal_smape
+    l1_warmup_epochs: int = 0
+    # optimisation
+    epochs: int = 3
+    batch_size: int = 16  # per GPU, per step
+    grad_accum: int = 4  # optimizer step every grad_accum batches
+    lr: float = 2e-4  # LoRA adapters
+    head_lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.05  # of all optimizer steps, then cosine to 0
+    grad_clip: float = 1.0
+    early_stopping_patience: int = 2  # epochs without a better validation SMAPE
+    eval_batch_size: int = 64
+    seed: int = 42
+    device: str = "auto"
+    precision: str = "auto"  # bf16 autocast on CUDA
+    resume: bool = True
+    # extraction (python -m qwen3_finetune.extract_embeddings)
+    split: str = "both"  # train | test | both
+    embeddings_dir: Path = Path("checkpoints/embeddings")
+    source_name: str = "qwen_text"
+    chunk_size: int = 4096
+    storage_dtype: str = "float16"
+
+
+CONFIG = QwenConfig()
+PROFILES = {
+    "default": CONFIG,
+    # a tiny Qwen3 with a locally trained tokenizer on the demo catalog; 4-bit runs on CPU too
+    "tiny": replace(CONFIG, model="checkpoints/demo/models/qwen3_tiny", data_dir=Path("checkpoints/demo/data"),
+                    out_dir=Path("checkpoints/demo/qwen3_finetune"), run_name="tiny",
+                    embeddings_dir=Path("checkpoints/demo/embeddings"), max_length=128, lora_r=8, lora_alpha=16,
+                    gradient_checkpointing=False, head_hidden=64, epochs=6, batch_size=32, grad_accum=1,
+                    lr=3e-3, head_lr=3e-3, warmup_ratio=0.1, early_stopping_patience=3, chunk_size=512),
+}

@@ -1,0 +1,210 @@
+"""Qwen3-Embedding as a price regressor: backbone (4-bit or not) + LoRA, pooling, structural
+features, regression head; tokenisation with dynamic padding and length buckets; save and load.
+
+A checkpoint folder holds `adapter/` (peft format), `head.pt` (head weights, feature scaler,
+widths) and `meta.json`. The head and scaler are saved by us, not through peft's
+`modules_to_save`, whose copy of a head can differ from the trained one under 4-bit loading.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from core.io import atomic_save, write_json
+from core.tables import STRUCTURAL_FEATURES
+
+
+def model_text(item_name: str, catalog_content: str) -> str:
+    return f"{item_name} [SEP] {catalog_content}"
+
+
+def load_tokenizer(model: str):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    tokenizer.padding_side = "left"  # last-token pooling reads position -1 of every row
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_backbone(model: str, quantization: str, device, gradient_checkpointing: bool = False):
+    """The base model, 4-bit NF4 (double quantisation, bf16 compute) or in full precision, with SDPA."""
+    from transformers import AutoModel, BitsAndBytesConfig
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    kwargs = {"attn_implementation": "sdpa", "dtype": dtype}
+    if quantization == "4bit":
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                           bnb_4bit_use_double_quant=True,
+                                                           bnb_4bit_compute_dtype=torch.bfloat16)
+        kwargs["device_map"] = {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}
+    elif quantization != "none":
+        raise ValueError(f"quantization must be '4bit' or 'none', got {quantization!r}")
+    backbone = AutoModel.from_pretrained(model, **kwargs)
+    if quantization == "none":
+        backbone.to(device)
+    if gradient_checkpointing:
+        backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    backbone.config.use_cache = False
+    return backbone
+
+
+def add_lora(backbone, cfg):
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=list(cfg.lora_targets), bias="none")
+    return get_peft_model(backbone, lora)
+
+
+def pool(hidden: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
+    """Last real token (left or right padding alike) or masked mean."""
+    if mode == "last":
+        last = mask.shape[1] - 1 - mask.flip(1).long().argmax(1)
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+    if mode == "mean":
+        m = mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * m).sum(1) / m.sum(1).clamp(min=1)
+    raise ValueError(f"pooling must be 'last' or 'mean', got {mode!r}")
+
+
+class FeatureScaler:
+    """log1p, then standardise: the structural features span 0 to tens of thousands."""
+
+    def __init__(self, mean=None, std=None):
+        self.mean, self.std = mean, std
+
+    def fit(self, features: np.ndarray) -> "FeatureScaler":
+        x = np.log1p(np.clip(features, 0, None))
+        self.mean, self.std = x.mean(0), x.std(0) + 1e-6
+        return self
+
+    def transform(self, features: np.ndarray) -> np.ndarray:
+        return ((np.log1p(np.clip(features, 0, None)) - self.mean) / self.std).astype(np.float32)
+
+    def state(self) -> dict:
+        return {"mean": np.asarray(self.mean).tolist(), "std": np.asarray(self.std).tolist()}
+
+
+class PriceRegressor(nn.Module):
+    def __init__(self, backbone, hidden_size: int, head_hidden: int, pooling: str):
+        super().__init__()
+        self.backbone, self.pooling = backbone, pooling
+        n = len(STRUCTURAL_FEATURES)
+        self.head = nn.Sequential(nn.Linear(hidden_size + n, head_hidden), nn.GELU(), nn.Dropout(0.1),
+                                  nn.Linear(head_hidden, 1))
+
+    def embed(self, input_ids, attention_mask, features):
+        """The vector fusion reads: pooled text vector + the standardised structural features."""
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return torch.cat([pool(hidden, attention_mask, self.pooling).float(), features.float()], -1)
+
+    def forward(self, input_ids, attention_mask, features):
+        return self.head(self.embed(input_ids, attention_mask, features)).squeeze(-1)
+
+
+def tokenize(tokenizer, texts, max_length: int) -> list[list[int]]:
+    return tokenizer(list(texts), truncation=True, max_length=max_length, add_special_tokens=True)["input_ids"]
+
+
+def length_batches(lengths, batch_size: int, shuffle: bool, seed: int = 0, rank: int = 0, world: int = 1):
+    """Index batches of similar length: less padding, same rows each epoch. Shuffled within and
+    across buckets of 50 batches when training; sharded round-robin across ranks."""
+    lengths = np.asarray(lengths)
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(lengths)) if shuffle else np.arange(len(lengths))
+    bucket = batch_size * 50
+    batches = []
+    for start in range(0, len(order), bucket):
+        part = order[start:start + bucket]
+        part = part[np.argsort(-lengths[part], kind="stable")]
+        batches += [part[i:i + batch_size] for i in range(0, len(part), batch_size)]
+    if shuffle:
+        batches = [batches[i] for i in rng.permutation(len(batches))]
+    if world > 1:
+        usable = len(batches) - len(batches) % world  # equal step counts keep DDP in lockstep
+        batches = batches[:usable][rank::world] if usable else batches[rank:rank + 1]
+    return batches
+
+
+def collate(token_ids: list[list[int]], idx, pad_id: int, device):
+    """Left-pad the rows in `idx` to their longest one."""
+    rows = [token_ids[i] for i in idx]
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for j, r in enumerate(rows):
+        ids[j, width - len(r):] = torch.tensor(r, dtype=torch.long)
+        mask[j, width - len(r):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def save_checkpoint(folder: Path, model: PriceRegressor, scaler: FeatureScaler, meta: dict) -> None:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.backbone.save_pretrained(folder / "adapter")
+    head = {"head": model.head.state_dict(), "scaler": scaler.state(), "pooling": model.pooling,
+            "hidden_size": model.head[0].in_features - len(STRUCTURAL_FEATURES)}
+    atomic_save(lambda tmp: torch.save(head, tmp), folder / "head.pt")
+    write_json(folder / "meta.json", meta)
+
+
+def load_checkpoint(folder: Path, cfg, device):
+    """(model, scaler) rebuilt from the base model, the saved adapter and the saved head."""
+    from peft import PeftModel
+
+    folder = Path(folder)
+    head = torch.load(folder / "head.pt", map_location="cpu", weights_only=False)
+    backbone = load_backbone(cfg.model, cfg.quantization, device)
+    backbone = PeftModel.from_pretrained(backbone, folder / "adapter")
+    model = PriceRegressor(backbone, head["hidden_size"], cfg.head_hidden, head["pooling"])
+    model.head.load_state_dict(head["head"])
+    model.head.to(device)
+    model.eval()
+    return model, FeatureScaler(np.array(head["scaler"]["mean"]), np.array(head["scaler"]["std"]))
+
+
+@torch.no_grad()
+def run_rows(model: PriceRegressor, token_ids, features: np.ndarray, batch_size: int, pad_id: int, device, dtype,
+             want: str = "pred"):
+    """Predictions (log1p price) or embeddings for every row, in row order, batched by length."""
+    from core.runtime import autocast, progress
+
+    model.eval()
+    out = [None] * len(token_ids)
+    feats = torch.from_numpy(features)
+    for idx in progress(length_batches([len(t) for t in token_ids], batch_size, shuffle=False), desc=want, leave=False):
+        ids, mask = collate(token_ids, idx, pad_id, device)
+        with autocast(device, dtype):
+            fn = model.embed if want == "embed" else model
+            values = fn(ids, mask, feats[idx].to(device)).float().cpu().numpy()
+        for j, i in enumerate(idx):
+            out[i] = values[j]
+    return np.stack(out) if out else np.zeros((0,))
+
+
+def warmup_cosine(total_steps: int, warmup_ratio: float):
+    warmup = max(1, int(total_steps * warmup_ratio))
+    return lambda step: min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, step / max(1, total_steps))))
+
+
+def load_run(cfg, device):
+    """(model, scaler, tokenizer, meta) from out_dir/run_name/best, with a clear error if missing."""
+    from core.errors import PipelineError
+    from core.io import read_json
+
+    best = Path(cfg.out_dir) / cfg.run_name / "best"
+    if not (best / "head.pt").exists():
+        raise PipelineError(f"no checkpoint in {best}; run `python -m qwen3_finetune.train` first")
+    model, scaler = load_checkpoint(best, cfg, device)
+    return model, scaler, load_tokenizer(cfg.model), read_json(best / "meta.json")
+
+
+def table_inputs(table, tokenizer, scaler: FeatureScaler, max_length: int):
+    texts = [model_text(n, c) for n, c in zip(table["item_name"], table["catalog_content"])]
+    return tokenize(tokenizer, texts, max_length), scaler.transform(table[STRUCTURAL_FEATURES].to_numpy())

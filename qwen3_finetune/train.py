@@ -1,0 +1,166 @@
+"""QLoRA-tune Qwen3-Embedding as a price regressor on product text plus three structural features.
+
+    python -m qwen3_finetune.train                              # Qwen3-Embedding-0.6B, 4-bit QLoRA, one GPU
+    python -m qwen3_finetune.train quantization=none            # plain bf16 LoRA (often faster on a big GPU)
+    torchrun --nproc_per_node=4 -m qwen3_finetune.train         # DDP
+    python -m qwen3_finetune.train profile=tiny                 # the demo's tiny Qwen3, CPU
+
+Input `item_name [SEP] catalog_content`, truncated to max_length and padded per batch (batches of
+similar length). The last-token (or mean) pooled vector is concatenated with the standardised
+quantity_value, unit_volume and unit_weight and fed to a regression head on log1p(price). Trains
+outside the data stage's holdout fold, validates on it each epoch, stops early. The run folder
+out_dir/run_name holds config.json, epoch_<k>/ and best/ (adapter + head + scaler), last.pt
+(optimizer, scheduler and loop state for resume), history.csv and metrics.json.
+"""
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from core.config import ConfigError, parse_args, to_dict
+from core.distributed import barrier, cleanup, init_distributed
+from core.errors import run_cli
+from core.io import atomic_save, read_json, write_json
+from core.losses import get_loss, l1_log_loss
+from core.metrics import format_table, price_bin_report, smape
+from core.runtime import amp_dtype, autocast, pick_device, progress, seed_everything, setup_logging
+from core.tables import STRUCTURAL_FEATURES, holdout_fold, load_table
+from qwen3_finetune.config import PROFILES, QwenConfig
+from qwen3_finetune.model import (FeatureScaler, PriceRegressor, add_lora, collate, length_batches, load_backbone,
+                                  load_tokenizer, model_text, run_rows, save_checkpoint, tokenize, warmup_cosine)
+
+
+def main(cfg: QwenConfig) -> dict:
+    dist = init_distributed(cfg.device)
+    device = pick_device(cfg.device)
+    if device.type == "cuda" and dist.enabled:
+        device = torch.device("cuda", dist.local_rank)
+    dtype = amp_dtype(device, cfg.precision)
+    run_dir = Path(cfg.out_dir) / cfg.run_name
+    log = setup_logging("qwen3_finetune", run_dir if dist.is_main else None)
+    if dist.is_main:
+        config_path = run_dir / "config.json"
+        if config_path.exists() and cfg.resume and read_json(config_path) != to_dict(cfg):
+            raise ConfigError(f"{run_dir} holds a run with another config; pick a new run_name, or resume=false")
+        write_json(config_path, to_dict(cfg))
+    seed_everything(cfg.seed)
+
+    # data: the data stage's split, so fusion later validates on rows this encoder never saw
+    table = load_table(cfg.data_dir, "train")
+    is_val = (table["fold"] == holdout_fold(cfg.data_dir)).to_numpy()
+    tokenizer = load_tokenizer(cfg.model)
+    texts = [model_text(n, c) for n, c in zip(table["item_name"], table["catalog_content"])]
+    token_ids = tokenize(tokenizer, texts, cfg.max_length)
+    scaler = FeatureScaler().fit(table.loc[~is_val, STRUCTURAL_FEATURES].to_numpy())
+    features = scaler.transform(table[STRUCTURAL_FEATURES].to_numpy())
+    y = torch.tensor(table["log_price"].to_numpy(), dtype=torch.float32)
+    train_idx, val_idx = np.flatnonzero(~is_val), np.flatnonzero(is_val)
+    price_floor = float(table.loc[~is_val, "price"].min())
+
+    # model
+    backbone = add_lora(load_backbone(cfg.model, cfg.quantization, device, cfg.gradient_checkpointing), cfg)
+    model = PriceRegressor(backbone, backbone.config.hidden_size, cfg.head_hidden, cfg.pooling)
+    with torch.no_grad():
+        model.head[-1].bias.fill_(float(y[train_idx].median()))
+    model.head.to(device)
+    ddp = model
+    if dist.enabled:
+        ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dist.local_rank] if device.type == "cuda" else None)
+    lora_params = [p for p in backbone.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW([{"params": lora_params, "lr": cfg.lr},
+                                   {"params": model.head.parameters(), "lr": cfg.head_lr}], weight_decay=cfg.weight_decay)
+    steps_per_epoch = math.ceil(len(length_batches(np.zeros(len(train_idx)), cfg.batch_size, False, 0, dist.rank,
+                                                   dist.world_size)) / cfg.grad_accum)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.epochs * steps_per_epoch, cfg.warmup_ratio))
+    loss_fn = get_loss(cfg.loss)
+
+    start_epoch, best, bad_epochs, history = 0, math.inf, 0, []
+    last_path = run_dir / "last.pt"
+    if cfg.resume and last_path.exists():
+        from peft import set_peft_model_state_dict
+
+        state = torch.load(last_path, map_location="cpu", weights_only=False)
+        set_peft_model_state_dict(backbone, state["adapter"])
+        model.head.load_state_dict(state["head"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch, best, bad_epochs, history = state["epoch"] + 1, state["best"], state["bad_epochs"], state["history"]
+        torch.set_rng_state(state["rng"])
+        log.info("resumed at epoch %d (best val SMAPE %.3f)", start_epoch, best)
+    n_trainable = sum(p.numel() for p in lora_params) + sum(p.numel() for p in model.head.parameters())
+    log.info("%s (%s, LoRA r=%d, %s pooling): %s trainable parameters; %d train / %d val rows; mean %.0f tokens; "
+             "device %s x%d, amp %s", cfg.model, cfg.quantization, cfg.lora_r, cfg.pooling, f"{n_trainable:,}",
+             len(train_idx), len(val_idx), np.mean([len(t) for t in token_ids]), device, dist.world_size, dtype)
+
+    for epoch in range(start_epoch, cfg.epochs):
+        if bad_epochs >= cfg.early_stopping_patience:
+            log.info("early stop: no better validation SMAPE in %d epochs", bad_epochs)
+            break
+        t0 = time.time()
+        ddp.train()
+        use_l1 = epoch < cfg.l1_warmup_epochs
+        batches = length_batches([len(token_ids[i]) for i in train_idx], cfg.batch_size, True, cfg.seed + epoch,
+                                 dist.rank, dist.world_size)
+        total, count, tokens = 0.0, 0, 0
+        for step, local in enumerate(progress(batches, desc=f"qwen epoch {epoch}", disable=None if dist.is_main else True)):
+            idx = train_idx[local]
+            ids, mask = collate(token_ids, idx, tokenizer.pad_token_id, device)
+            with autocast(device, dtype):
+                pred = ddp(ids, mask, torch.from_numpy(features[idx]).to(device))
+            loss = (l1_log_loss if use_l1 else loss_fn)(pred.float(), y[idx].to(device))
+            (loss / cfg.grad_accum).backward()
+            if (step + 1) % cfg.grad_accum == 0 or step + 1 == len(batches):
+                torch.nn.utils.clip_grad_norm_(lora_params + list(model.head.parameters()), cfg.grad_clip)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            total, count, tokens = total + float(loss.detach()) * len(idx), count + len(idx), tokens + int(mask.sum())
+        if not math.isfinite(total):
+            raise FloatingPointError(f"epoch {epoch}: loss is not finite; lower lr, or use precision=bf16 on GPU")
+        val_log = run_rows(model, [token_ids[i] for i in val_idx], features[val_idx], cfg.eval_batch_size,
+                           tokenizer.pad_token_id, device, dtype)
+        val_pred = np.maximum(np.expm1(val_log.astype(np.float64)), price_floor)
+        val_smape = smape(table["price"].to_numpy()[val_idx], val_pred)
+        improved = val_smape < best
+        best, bad_epochs = (val_smape, 0) if improved else (best, bad_epochs + 1)
+        seconds = time.time() - t0
+        history.append({"epoch": epoch, "train_loss": total / max(count, 1), "loss": "l1_warmup" if use_l1 else cfg.loss,
+                        "val_smape": val_smape, "lr": optimizer.param_groups[0]["lr"], "seconds": seconds,
+                        "train_tokens_per_s": tokens * dist.world_size / seconds})
+        if dist.is_main:
+            meta = {"config": to_dict(cfg), "epoch": epoch, "val_smape": val_smape, "price_floor": price_floor}
+            save_checkpoint(run_dir / f"epoch_{epoch}", model, scaler, meta)
+            if improved:
+                shutil.rmtree(run_dir / "best", ignore_errors=True)
+                shutil.copytree(run_dir / f"epoch_{epoch}", run_dir / "best")
+            from peft import get_peft_model_state_dict
+
+            state = {"adapter": get_peft_model_state_dict(backbone), "head": model.head.state_dict(),
+                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch,
+                     "best": best, "bad_epochs": bad_epochs, "history": history, "rng": torch.get_rng_state()}
+            atomic_save(lambda tmp: torch.save(state, tmp), last_path)
+            import pandas as pd
+
+            atomic_save(lambda tmp: pd.DataFrame(history).to_csv(tmp, index=False), run_dir / "history.csv")
+        log.info("epoch %d  loss %.4f  val SMAPE %.3f%s  lr %.2e  %.0f tokens/s  %.1fs", epoch, history[-1]["train_loss"],
+                 val_smape, " *" if improved else "", history[-1]["lr"], history[-1]["train_tokens_per_s"], seconds)
+        barrier(dist)
+
+    y_val = table["price"].to_numpy()[val_idx]
+    baseline = smape(y_val, np.full(len(val_idx), table.loc[~is_val, "price"].median()))
+    metrics = {"val_smape": best, "constant_median_val_smape": baseline, "epochs_run": len(history), "complete": True}
+    if dist.is_main:
+        write_json(run_dir / "metrics.json", metrics)
+        log.info("best validation SMAPE %.3f (constant median %.3f); best checkpoint %s", best, baseline, run_dir / "best")
+    barrier(dist)
+    cleanup(dist)
+    return metrics
+
+
+if __name__ == "__main__":
+    run_cli(lambda: main(parse_args(QwenConfig, profiles=PROFILES)))
