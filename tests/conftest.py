@@ -66,12 +66,7 @@ def planted(demo_catalog):
 
 @pytest.fixture(scope="session")
 def tiny_models(demo_catalog):
-    """Tiny CLIP and SigLIP folders (random weights, tokenizer trained on the demo texts)."""
-    from core.open_clip_models import make_tiny_open_clip
-    from core.tables import load_table
+    """Tiny CLIP, SigLIP and Qwen3 folders (random weights, tokenizers trained on the demo texts)."""
+    from core.tiny_models import TinyModelsConfig, main
 
-    folder = demo_catalog / "models"
-    texts = load_table(demo_catalog / "data", "train")["text"].tolist()
-    make_tiny_open_clip(folder / "clip_tiny", "clip")
-    make_tiny_open_clip(folder / "siglip_tiny", "siglip", corpus=texts)
-    return folder
+    return main(TinyModelsConfig(out_dir=demo_catalog / "models", data_dir=demo_catalog / "data"))

@@ -1,0 +1,154 @@
+"""QLoRA fine-tuning of a tiny Qwen3 (built from Qwen3Config, tokenizer trained locally) on the demo catalog."""
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from core.embedding_cache import EmbeddingCacheWriter, load_embeddings
+from core.io import read_json
+from core.submission import check_submission
+from core.tables import STRUCTURAL_FEATURES, load_table
+from qwen3_finetune import evaluate, extract_embeddings, predict, train
+from qwen3_finetune.config import PROFILES
+from qwen3_finetune.model import (FeatureScaler, PriceRegressor, add_lora, collate, length_batches, load_backbone,
+                                  load_checkpoint, pool, run_rows, save_checkpoint)
+
+ROOT = Path(__file__).resolve().parents[1]
+CPU = torch.device("cpu")
+
+
+def config(demo_catalog, tiny_models, out, **kw):
+    return replace(PROFILES["tiny"], model=str(tiny_models / "qwen3_tiny"), data_dir=demo_catalog / "data",
+                   out_dir=out, embeddings_dir=out / "embeddings", **kw)
+
+
+@pytest.fixture(scope="module")
+def trained(demo_catalog, tiny_models, tmp_path_factory):
+    cfg = config(demo_catalog, tiny_models, tmp_path_factory.mktemp("qwen"))
+    return cfg, train.main(cfg)
+
+
+def test_qlora_beats_the_constant_median_on_the_text_signal(trained):
+    cfg, metrics = trained
+    assert cfg.quantization == "4bit"
+    assert metrics["val_smape"] < metrics["constant_median_val_smape"] - 15, metrics
+
+
+def test_backbone_is_really_4bit(tiny_models):
+    import bitsandbytes as bnb
+
+    backbone = add_lora(load_backbone(str(tiny_models / "qwen3_tiny"), "4bit", CPU), PROFILES["tiny"])
+    layers = [m for m in backbone.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert layers and layers[0].weight.quant_state.quant_type == "nf4"
+    trainable = {n for n, p in backbone.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+
+
+def test_reloaded_checkpoint_evaluates_to_the_training_score(trained):
+    cfg, metrics = trained
+    evaluate.main(cfg)
+    # 4-bit layers compute in bf16, whose rounding differs in the 4th digit between processes;
+    # the exact round trip is test_adapter_head_and_scaler_round_trip_to_identical_predictions
+    assert read_json(Path(cfg.out_dir) / cfg.run_name / "eval.json")["val_smape"] == pytest.approx(metrics["val_smape"], rel=1e-3)
+
+
+@pytest.mark.parametrize("quantization", ["none", "4bit"])
+def test_adapter_head_and_scaler_round_trip_to_identical_predictions(tiny_models, tmp_path, quantization):
+    cfg = replace(PROFILES["tiny"], model=str(tiny_models / "qwen3_tiny"), quantization=quantization)
+    torch.manual_seed(0)
+    backbone = add_lora(load_backbone(cfg.model, quantization, CPU), cfg)
+    for name, p in backbone.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05)  # adapters that change the output, as after training
+    model = PriceRegressor(backbone, 64, cfg.head_hidden, "last")
+    scaler = FeatureScaler().fit(np.random.default_rng(0).uniform(0, 500, (50, 3)))
+    ids = [[5, 6, 7, 8], [9, 10], [11, 12, 13]]
+    feats = scaler.transform(np.array([[12, 0, 340], [1, 355, 0], [3, 0, 0]], float))
+    before = run_rows(model, ids, feats, 2, 0, CPU, None)
+    save_checkpoint(tmp_path / "ck", model, scaler, {"epoch": 0})
+    reloaded, scaler2 = load_checkpoint(tmp_path / "ck", cfg, CPU)
+    np.testing.assert_array_equal(run_rows(reloaded, ids, scaler2.transform(np.array([[12, 0, 340], [1, 355, 0], [3, 0, 0]], float)), 2, 0, CPU, None), before)
+
+
+def test_last_token_pooling_picks_the_last_real_token_under_left_padding():
+    hidden = torch.arange(2 * 4 * 3, dtype=torch.float32).view(2, 4, 3)
+    left = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
+    assert torch.equal(pool(hidden, left, "last"), hidden[:, 3])
+    right = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]])
+    assert torch.equal(pool(hidden, right, "last"), torch.stack([hidden[0, 1], hidden[1, 3]]))
+    assert torch.allclose(pool(hidden, left, "mean")[0], hidden[0, 2:].mean(0))
+    ids, mask = collate([[7, 8], [1, 2, 3, 4]], [0, 1], pad_id=0, device=CPU)
+    assert ids.tolist() == [[0, 0, 7, 8], [1, 2, 3, 4]] and mask.tolist() == [[0, 0, 1, 1], [1, 1, 1, 1]]
+
+
+def test_batches_group_similar_lengths_and_pad_only_to_the_longest():
+    lengths = np.random.default_rng(0).integers(5, 500, 400)
+    batches = length_batches(lengths, 16, shuffle=True, seed=1)
+    assert sorted(np.concatenate(batches).tolist()) == list(range(400))
+    spread = np.mean([lengths[b].max() - lengths[b].min() for b in batches])
+    assert spread < 40  # vs ~450 for random batches
+    shards = [length_batches(lengths, 16, True, 1, rank=r, world=2) for r in (0, 1)]
+    assert len(shards[0]) == len(shards[1])
+
+
+def test_structural_features_reach_the_head(tiny_models):
+    cfg = replace(PROFILES["tiny"], model=str(tiny_models / "qwen3_tiny"), quantization="none")
+    model = PriceRegressor(add_lora(load_backbone(cfg.model, "none", CPU), cfg), 64, 16, "last")
+    ids = [[5, 6, 7]]
+    a = run_rows(model, ids, np.array([[0.0, 0.0, 0.0]], np.float32), 1, 0, CPU, None)
+    b = run_rows(model, ids, np.array([[2.0, -1.0, 0.5]], np.float32), 1, 0, CPU, None)
+    assert abs(float(a[0]) - float(b[0])) > 1e-4
+    emb = run_rows(model, ids, np.array([[2.0, -1.0, 0.5]], np.float32), 1, 0, CPU, None, want="embed")
+    assert emb.shape == (1, 64 + 3) and np.allclose(emb[0, -3:], [2.0, -1.0, 0.5])
+
+
+def test_extraction_width_alignment_and_resume(demo_catalog, trained, tmp_path, monkeypatch):
+    cfg, _ = trained
+    cfg = replace(cfg, chunk_size=128)
+    extract_embeddings.main(replace(cfg, embeddings_dir=tmp_path / "full"))
+    real, done = EmbeddingCacheWriter.write_chunk, []
+
+    def crash(self, chunk, *a, **kw):
+        if len(done) == 2:
+            raise KeyboardInterrupt
+        done.append(chunk)
+        return real(self, chunk, *a, **kw)
+
+    monkeypatch.setattr(EmbeddingCacheWriter, "write_chunk", crash)
+    with pytest.raises(KeyboardInterrupt):
+        extract_embeddings.main(replace(cfg, embeddings_dir=tmp_path / "resumed"))
+    monkeypatch.setattr(EmbeddingCacheWriter, "write_chunk", real)
+    extract_embeddings.main(replace(cfg, embeddings_dir=tmp_path / "resumed"))
+    for split in ("train", "test"):
+        table = load_table(demo_catalog / "data", split)
+        full = load_embeddings(tmp_path / "full", "qwen_text", split, table["sample_id"])
+        assert full.dim == 64 + 3 and full.meta["modality"] == "text"
+        assert (tmp_path / "full/qwen_text" / split / "embeddings.npy").read_bytes() == \
+            (tmp_path / "resumed/qwen_text" / split / "embeddings.npy").read_bytes()
+    scaled = FeatureScaler().fit(load_table(demo_catalog / "data", "train").query("fold != 0")[STRUCTURAL_FEATURES].to_numpy())
+    table = load_table(demo_catalog / "data", "train")
+    np.testing.assert_allclose(load_embeddings(tmp_path / "full", "qwen_text", "train").values[:, -3:],
+                               scaled.transform(table[STRUCTURAL_FEATURES].to_numpy()), atol=2e-2)
+
+
+def test_predict_writes_a_checked_baseline_submission(demo_catalog, trained):
+    cfg, _ = trained
+    out = predict.main(cfg)
+    assert check_submission(out, demo_catalog / "raw" / "test.csv") == []
+
+
+def test_ddp_on_two_cpu_processes(demo_catalog, tiny_models, tmp_path):
+    env = {**os.environ, "PRICE_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533", "-m",
+           "qwen3_finetune.train", "profile=tiny", f"model={tiny_models / 'qwen3_tiny'}", "quantization=none",
+           f"data_dir={demo_catalog / 'data'}", f"out_dir={tmp_path}", "epochs=2", "device=cpu"]
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = read_json(tmp_path / "tiny" / "metrics.json")
+    assert metrics["epochs_run"] == 2 and np.isfinite(metrics["val_smape"])
+    assert (tmp_path / "tiny" / "best" / "adapter").is_dir()
