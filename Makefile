@@ -15,8 +15,7 @@ $(STAMP): requirements.txt
 install: $(STAMP)
 
 demo: install
-	$(PY) -m data.synthetic profile=tiny
-	$(PY) -m data.prepare profile=tiny
+	$(PY) -m pipeline profile=tiny
 
 test: install
 	PRICE_NO_PROGRESS=1 $(PY) -m pytest -q

@@ -23,7 +23,7 @@ import torch
 
 from clip_finetune.config import PROFILES, ClipConfig
 from clip_finetune.model import ClipRegressor, freeze
-from core.config import ConfigError, parse_args, to_dict
+from core.config import ConfigError, same_settings, parse_args, to_dict
 from core.distributed import barrier, cleanup, init_distributed
 from core.encode import image_loader
 from core.errors import run_cli
@@ -60,9 +60,14 @@ def main(cfg: ClipConfig) -> dict:
     log = setup_logging("clip_finetune", run_dir if dist.is_main else None)
     if dist.is_main:
         config_path = run_dir / "config.json"
-        if config_path.exists() and cfg.resume and read_json(config_path) != to_dict(cfg):
+        if config_path.exists() and cfg.resume and not same_settings(read_json(config_path), to_dict(cfg)):
             raise ConfigError(f"{run_dir} holds a run with another config; pick a new run_name, or resume=false")
         write_json(config_path, to_dict(cfg))
+    done = run_dir / "metrics.json"
+    if cfg.resume and done.exists() and read_json(done).get("complete"):
+        log.info("%s is complete for this config; nothing to do (resume=false retrains)", run_dir)
+        cleanup(dist)
+        return read_json(done)
     seed_everything(cfg.seed)
 
     # data: the data stage's split; rows without an image cannot teach an image model

@@ -141,3 +141,9 @@ def from_dict(cls, data: dict):
             value = tuple(value)
         kwargs[key] = value
     return cls(**kwargs)
+
+
+def same_settings(saved: dict, current: dict) -> bool:
+    """Whether two saved configs describe the same run; `resume` is a control, not a setting."""
+    strip = lambda d: {k: v for k, v in d.items() if k != "resume"}
+    return strip(saved) == strip(current)

@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from core.config import ConfigError, from_dict, parse_args, to_dict
+from core.config import ConfigError, same_settings, from_dict, parse_args, to_dict
 from core.embedding_cache import load_embeddings
 from core.errors import run_cli
 from core.io import atomic_save, read_json, write_json
@@ -139,7 +139,7 @@ def train_fold(cfg: FusionConfig, fold: int, table: pd.DataFrame, inputs: Fusion
     last_path = fold_dir / "last.pt"
     if cfg.resume and last_path.exists():
         state = torch.load(last_path, map_location=device, weights_only=False)
-        if state["config"] != to_dict(cfg):
+        if not same_settings(state["config"], to_dict(cfg)):
             raise ConfigError(f"{last_path} was made with another config; use a new run_name or resume=false")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -222,7 +222,7 @@ def main(cfg: FusionConfig) -> dict:
     run_dir = Path(cfg.out_dir) / cfg.run_name
     log = setup_logging("fusion.train", run_dir)
     config_path = run_dir / "config.json"
-    if config_path.exists() and cfg.resume and read_json(config_path) != to_dict(cfg):
+    if config_path.exists() and cfg.resume and not same_settings(read_json(config_path), to_dict(cfg)):
         raise ConfigError(f"{run_dir} holds a run with another config; pick a new run_name, or resume=false to replace it")
     write_json(config_path, to_dict(cfg))
     device = pick_device(cfg.device)
