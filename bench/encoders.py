@@ -107,7 +107,7 @@ def main(cfg: EncoderBenchConfig):
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu x{torch.get_num_threads()} threads"
     print(f"{cfg.model} at {size}px, {dim}-d, batch {cfg.batch_size}, device {name}, amp {dtype}")
     print(f"{'what':<44} {'images/s':>10} {'vs decoded':>11}")
-    for what, value in ((f"extraction, decoded tensors", decoded),
+    for what, value in (("extraction, decoded tensors", decoded),
                         (f"extraction, {cfg.jpeg_size}px JPEG decode, {cfg.num_workers} workers", with_jpeg),
                         (f"fine-tune step, first {cfg.freeze_blocks} blocks frozen", finetune)):
         print(f"{what:<44} {value:>10,.1f} {value / decoded:>10.2f}x")

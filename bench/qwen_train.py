@@ -74,7 +74,7 @@ def main(cfg: QwenBenchConfig):
             params = [p for p in model.parameters() if p.requires_grad]
             optimizer = torch.optim.AdamW(params, lr=1e-4)
 
-            def step():
+            def step(model=model, optimizer=optimizer):
                 with autocast(device, dtype):
                     loss = (model(ids, mask, feats).float() - target).abs().mean()
                 optimizer.zero_grad(set_to_none=True)

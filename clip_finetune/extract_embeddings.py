@@ -21,24 +21,19 @@ import torch
 
 from clip_finetune.config import PROFILES, ClipConfig
 from clip_finetune.model import ClipRegressor, wise_ft
-from clip_finetune.train import image_size_of
 from core.config import parse_args
-from core.distributed import barrier, cleanup, init_distributed
+from core.distributed import barrier, cleanup, init_device
 from core.embedding_cache import EmbeddingCacheWriter
 from core.encode import encode_image_batches, fill_cache, image_loader, pending_rows
 from core.errors import PipelineError, run_cli
 from core.io import atomic_save
-from core.open_clip_models import load_open_clip
-from core.runtime import amp_dtype, autocast, pick_device, setup_logging
+from core.open_clip_models import image_size_of, load_open_clip
+from core.runtime import autocast, setup_logging
 from core.tables import load_table
 
 
 def main(cfg: ClipConfig) -> dict:
-    dist = init_distributed(cfg.device)
-    device = pick_device(cfg.device)
-    if device.type == "cuda" and dist.enabled:
-        device = torch.device("cuda", dist.local_rank)
-    dtype = amp_dtype(device, cfg.precision)
+    dist, device, dtype = init_device(cfg.device, cfg.precision)
     run_dir = Path(cfg.out_dir) / cfg.run_name
     log = setup_logging("clip_extract", run_dir if dist.is_main else None)
     clip, _, transform, _ = load_open_clip(cfg.model, cfg.pretrained, "cpu")

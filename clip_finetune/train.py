@@ -23,21 +23,17 @@ import torch
 
 from clip_finetune.config import PROFILES, ClipConfig
 from clip_finetune.model import ClipRegressor, freeze
-from core.config import ConfigError, same_settings, parse_args, to_dict
-from core.distributed import barrier, cleanup, init_distributed
+from core.config import parse_args, to_dict
+from core.distributed import barrier, cleanup, init_device
 from core.encode import image_loader
 from core.errors import run_cli
-from core.io import atomic_save, read_json, write_json
+from core.io import atomic_save, write_json
 from core.losses import get_loss, l1_log_loss
 from core.metrics import format_table, price_bin_report, smape
-from core.open_clip_models import load_open_clip
-from core.runtime import amp_dtype, autocast, pick_device, progress, seed_everything, setup_logging
+from core.open_clip_models import image_size_of, load_open_clip
+from core.runs import claim_run_dir
+from core.runtime import autocast, progress, seed_everything, setup_logging
 from core.tables import holdout_fold, load_table
-
-
-def image_size_of(visual) -> int:
-    size = getattr(visual, "image_size", 224)
-    return int(size[0] if isinstance(size, (tuple, list)) else size)
 
 
 @torch.no_grad()
@@ -51,23 +47,14 @@ def predict_log(model, loader, device, dtype) -> np.ndarray:
 
 
 def main(cfg: ClipConfig) -> dict:
-    dist = init_distributed(cfg.device)
-    device = pick_device(cfg.device)
-    if device.type == "cuda" and dist.enabled:
-        device = torch.device("cuda", dist.local_rank)
-    dtype = amp_dtype(device, cfg.precision)
+    dist, device, dtype = init_device(cfg.device, cfg.precision)
     run_dir = Path(cfg.out_dir) / cfg.run_name
     log = setup_logging("clip_finetune", run_dir if dist.is_main else None)
-    if dist.is_main:
-        config_path = run_dir / "config.json"
-        if config_path.exists() and cfg.resume and not same_settings(read_json(config_path), to_dict(cfg)):
-            raise ConfigError(f"{run_dir} holds a run with another config; pick a new run_name, or resume=false")
-        write_json(config_path, to_dict(cfg))
-    done = run_dir / "metrics.json"
-    if cfg.resume and done.exists() and read_json(done).get("complete"):
+    finished = claim_run_dir(run_dir, cfg, write=dist.is_main)
+    if finished:
         log.info("%s is complete for this config; nothing to do (resume=false retrains)", run_dir)
         cleanup(dist)
-        return read_json(done)
+        return finished
     seed_everything(cfg.seed)
 
     # data: the data stage's split; rows without an image cannot teach an image model

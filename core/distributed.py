@@ -50,3 +50,16 @@ def cleanup(info: DistInfo) -> None:
 
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def init_device(preference: str = "auto", precision: str = "auto"):
+    """(DistInfo, device, autocast dtype) for this process: under torchrun each rank takes its GPU."""
+    import torch
+
+    from core.runtime import amp_dtype, pick_device
+
+    dist = init_distributed(preference)
+    device = pick_device(preference)
+    if device.type == "cuda" and dist.enabled:
+        device = torch.device("cuda", dist.local_rank)
+    return dist, device, amp_dtype(device, precision)

@@ -34,6 +34,12 @@ def model_id(model: str) -> str:
     return f"local-dir:{Path(model).resolve()}" if Path(model).is_dir() else model
 
 
+def image_size_of(visual) -> int:
+    """Input side length of an open_clip image tower (native ViT or timm)."""
+    size = getattr(visual, "image_size", 224)
+    return int(size[0] if isinstance(size, (tuple, list)) else size)
+
+
 def load_open_clip(model: str, pretrained: str | None, device="cpu"):
     """(model, train transform, eval transform, tokenizer) for a name + tag or a local folder."""
     import open_clip

@@ -2,7 +2,7 @@
 fusion/qwen_clip) holds the instance a user edits, and its tiny profile."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 
@@ -46,3 +46,10 @@ class FusionConfig:
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "auto"  # auto (bf16 on CUDA) | fp16 | fp32
     resume: bool = True  # continue an interrupted run with the same config; a finished fold is skipped
+
+
+def tiny_profile(cfg: FusionConfig, **changes) -> FusionConfig:
+    """The demo and test profile of a model: the demo's folders, small widths, few epochs."""
+    return replace(cfg, data_dir=Path("checkpoints/demo/data"), embeddings_dir=Path("checkpoints/demo/embeddings"),
+                   out_dir=Path("checkpoints/demo/fusion"), hidden_dim=64, n_heads=4, batch_size=128, epochs=60,
+                   early_stopping_patience=12, dropout=0.1, **changes)

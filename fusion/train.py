@@ -29,6 +29,7 @@ from core.embedding_cache import load_embeddings
 from core.errors import run_cli
 from core.io import atomic_save, read_json, write_json
 from core.metrics import format_table, price_bin_report, smape
+from core.runs import claim_run_dir
 from core.runtime import amp_dtype, autocast, pick_device, progress, seed_everything, setup_logging
 from core.tables import holdout_fold, load_table, n_folds
 from fusion.config import FusionConfig
@@ -221,10 +222,7 @@ def train_fold(cfg: FusionConfig, fold: int, table: pd.DataFrame, inputs: Fusion
 def main(cfg: FusionConfig) -> dict:
     run_dir = Path(cfg.out_dir) / cfg.run_name
     log = setup_logging("fusion.train", run_dir)
-    config_path = run_dir / "config.json"
-    if config_path.exists() and cfg.resume and not same_settings(read_json(config_path), to_dict(cfg)):
-        raise ConfigError(f"{run_dir} holds a run with another config; pick a new run_name, or resume=false to replace it")
-    write_json(config_path, to_dict(cfg))
+    claim_run_dir(run_dir, cfg)  # a finished run still reloads: its folds are skipped one by one
     device = pick_device(cfg.device)
     table = load_table(cfg.data_dir, "train")
     inputs = load_inputs(cfg, "train", table["sample_id"].tolist(), device)

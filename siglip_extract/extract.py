@@ -17,31 +17,22 @@ from pathlib import Path
 import torch
 
 from core.config import parse_args
-from core.distributed import barrier, cleanup, init_distributed
+from core.distributed import barrier, cleanup, init_device
 from core.embedding_cache import EmbeddingCacheWriter
 from core.encode import encode_image_batches, encode_text_batches, fill_cache, image_loader, pending_rows
 from core.errors import run_cli
-from core.open_clip_models import load_open_clip
-from core.runtime import amp_dtype, pick_device, setup_logging
+from core.open_clip_models import image_size_of, load_open_clip
+from core.runtime import setup_logging
 from core.tables import load_table
 from siglip_extract.config import PROFILES, SiglipConfig
 
 
-def image_size_of(model) -> int:
-    size = getattr(model.visual, "image_size", 224)
-    return int(size[0] if isinstance(size, (tuple, list)) else size)
-
-
 def main(cfg: SiglipConfig) -> dict:
-    dist = init_distributed(cfg.device)
-    device = pick_device(cfg.device)
-    if device.type == "cuda" and dist.enabled:
-        device = torch.device("cuda", dist.local_rank)
-    dtype = amp_dtype(device, cfg.precision)
+    dist, device, dtype = init_device(cfg.device, cfg.precision)
     log = setup_logging("siglip_extract", Path(cfg.embeddings_dir) if dist.is_main else None)
     model, _, transform, tokenizer = load_open_clip(cfg.model, cfg.pretrained, device)
     model.eval()
-    size = image_size_of(model)
+    size = image_size_of(model.visual)
     with torch.no_grad():
         image_dim = model.encode_image(torch.zeros(1, 3, size, size, device=device)).shape[1]
         text_dim = model.encode_text(tokenizer(["probe"]).to(device)).shape[1]

@@ -1,9 +1,6 @@
 """The best model (seeds 000/001): four sources, hierarchical cross-attention, mixture of experts.
 Edit these defaults, or override any field: python -m fusion.train model=all_embeddings lr=5e-4"""
-from dataclasses import replace
-from pathlib import Path
-
-from fusion.config import FusionConfig
+from fusion.config import FusionConfig, tiny_profile
 
 CONFIG = FusionConfig(
     run_name="all_embeddings",
@@ -23,8 +20,5 @@ CONFIG = FusionConfig(
 
 PROFILES = {
     "default": CONFIG,
-    # the demo and tests: small widths, few epochs, the demo's folders
-    "tiny": replace(CONFIG, data_dir=Path("checkpoints/demo/data"), embeddings_dir=Path("checkpoints/demo/embeddings"),
-                    out_dir=Path("checkpoints/demo/fusion"), hidden_dim=64, n_heads=4, expert_dims=[128, 64],
-                    batch_size=128, epochs=60, early_stopping_patience=12, dropout=0.1),
+    "tiny": tiny_profile(CONFIG, expert_dims=[128, 64]),
 }
