@@ -108,7 +108,8 @@ def describe(cls, profiles: dict | None = None) -> str:
     lines = [f"{cls.__module__}.{cls.__name__}: key=value overrides"]
     defaults = cls()
     for name in field_types(cls):
-        lines.append(f"  {name} = {getattr(defaults, name)!r}")
+        value = getattr(defaults, name)
+        lines.append(f"  {name} = {value if isinstance(value, Path) else repr(value)}")
     if profiles:
         lines.append(f"  profile = one of {', '.join(sorted(profiles))}")
     return "\n".join(lines)

@@ -163,6 +163,10 @@ def main(cfg: PrepareConfig) -> dict:
     if cfg.n_folds < 2 or not 0 <= cfg.holdout_fold < cfg.n_folds:
         raise DataValidationError(f"need n_folds >= 2 and 0 <= holdout_fold < n_folds, got {cfg.n_folds}, {cfg.holdout_fold}")
 
+    for path in (train_csv, test_csv):
+        if not path.exists():
+            raise DataValidationError(f"{path}: not found. Put the competition's train.csv and test.csv in one folder "
+                                      f"and pass raw_dir=FOLDER (or run profile=tiny for the demo catalog)")
     write_json(meta_path, {"config": to_dict(cfg), "complete": False})
     train = read_competition_csv(train_csv, with_price=True)
     test = read_competition_csv(test_csv, with_price=False)

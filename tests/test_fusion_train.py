@@ -139,3 +139,17 @@ def test_command_line_entry_points(planted, tmp_path):
     assert (tmp_path / "all_embeddings" / "fold_0" / "best.pt").exists()
     bad = run("fusion.train", "model=all_embeddings", "learning_rate=1")
     assert bad.returncode != 0 and "Valid keys" in bad.stderr and "lr" in bad.stderr
+
+
+def test_trainer_adds_the_energy_penalty_to_the_loss(planted, tmp_path):
+    energies = {}
+    for weight in (0.0, 5.0):
+        args = cli(planted, tmp_path / str(weight), "architecture=block", "block=energy_aware", "epochs=8",
+                   f"energy_weight={weight}", "energy_budget=1.0", "l1_warmup_epochs=0", "early_stopping_patience=100")
+        cfg = train.parse_cli(["model=qwen_clip", *args])
+        train.main(cfg)
+        model, _ = train.load_checkpoint(tmp_path / str(weight) / "qwen_clip" / "fold_0" / "best.pt")
+        inputs = train.load_inputs(cfg, "train", load_table(planted / "data", "train")["sample_id"], torch.device("cpu"))
+        train.predict_log(model, inputs, torch.arange(200), 256, torch.device("cpu"), None)
+        energies[weight] = float(model.block.last_energy)
+    assert energies[5.0] < energies[0.0] - 0.1, energies  # the penalty moved the router to cheaper paths

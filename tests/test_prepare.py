@@ -117,3 +117,8 @@ def test_prepare_skips_when_complete_and_reruns_on_config_change(demo_catalog, t
     assert (tmp_path / "p" / "train.parquet").stat().st_mtime_ns == mtime
     prepare.main(PrepareConfig(raw_dir=cfg.raw_dir, out_dir=cfg.out_dir, seed=7, download_workers=2))
     assert (tmp_path / "p" / "train.parquet").stat().st_mtime_ns != mtime
+
+
+def test_missing_input_files_say_what_to_do(tmp_path):
+    with pytest.raises(DataValidationError, match="raw_dir=FOLDER"):
+        prepare.main(PrepareConfig(raw_dir=tmp_path / "nowhere", out_dir=tmp_path / "out"))
