@@ -64,17 +64,27 @@ def save_open_clip_folder(model: torch.nn.Module, model_cfg: dict, preprocess_cf
     return folder
 
 
-def train_tiny_tokenizer(corpus, vocab_size: int = 2000, bos_eos: bool = False):
-    """A small WordPiece tokenizer trained in-process on `corpus` (no downloads)."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+def train_tiny_tokenizer(corpus, vocab_size: int = 2000):
+    """A small WordPiece tokenizer built in-process from `corpus` (no downloads). The vocabulary is
+    chosen here, not by the library's trainer, so the same corpus gives the same ids in every process:
+    special tokens, every character and its continuation form, then whole words by frequency."""
+    import re
+    import unicodedata
+    from collections import Counter
+
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     specials = ["[PAD]", "[UNK]", "[BOS]", "[EOS]"]
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    counts = Counter(w for text in corpus for w in re.findall(r"\w+|[^\w\s]", unicodedata.normalize("NFKC", text).lower()))
+    chars = sorted({c for word in counts for c in word})
+    vocab = specials + chars + [f"##{c}" for c in chars]
+    words = [w for w, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])) if len(w) > 1]
+    vocab += words[: max(0, vocab_size - len(vocab))]
+    tok = Tokenizer(models.WordPiece(vocab={t: i for i, t in enumerate(vocab)}, unk_token="[UNK]"))
     tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.decoder = decoders.WordPiece()
-    tok.train_from_iterator(list(corpus), trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials))
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]",
                                    bos_token="[BOS]", eos_token="[EOS]")
 
