@@ -48,6 +48,15 @@ def load_backbone(model: str, quantization: str, device, gradient_checkpointing:
     backbone = AutoModel.from_pretrained(model, **kwargs)
     if quantization == "none":
         backbone.to(device)
+    elif device.type == "cpu":
+        # bitsandbytes switches 4-bit layers to a repacked CPU kernel at their first eval-mode
+        # forward and keeps it afterwards; one kernel throughout keeps resumed and reloaded models
+        # computing exactly like the run that saved them (GPU runs never take that path)
+        import bitsandbytes as bnb
+
+        for module in backbone.modules():
+            if isinstance(module, bnb.nn.Linear4bit):
+                module.support_avx512bf16_for_cpu = False
     if gradient_checkpointing:
         backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     backbone.config.use_cache = False
