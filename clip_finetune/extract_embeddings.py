@@ -9,7 +9,8 @@
 Reads out_dir/run_name/best.pt from clip_finetune.train. With `wise_alpha` below 1 the backbone is
 the weight-space interpolation (WiSE-FT) of the base and fine-tuned towers. Writes the source
 `clip_image` (the tower's output width: 768 for ViT-L-14); rows without a usable image are masked.
-Also writes the regression head's test-split price predictions to out_dir/run_name/test_predictions.csv.
+Also writes the regression head's test-split price predictions, computed from the cached
+vectors, to out_dir/run_name/test_predictions.csv.
 """
 from __future__ import annotations
 
@@ -20,15 +21,16 @@ import pandas as pd
 import torch
 
 from clip_finetune.config import PROFILES, ClipConfig
-from clip_finetune.model import ClipRegressor, wise_ft
+from clip_finetune.model import price_head, wise_ft
 from core.config import parse_args
 from core.distributed import barrier, cleanup, init_device
-from core.embedding_cache import EmbeddingCacheWriter
+from core.embedding_cache import EmbeddingCacheWriter, load_embeddings
 from core.encode import encode_image_batches, fill_cache, image_loader, pending_rows
 from core.errors import PipelineError, run_cli
 from core.io import atomic_save
+from core.metrics import prices_from_log
 from core.open_clip_models import image_size_of, load_open_clip
-from core.runtime import autocast, setup_logging
+from core.runtime import setup_logging
 from core.tables import load_table
 
 
@@ -49,10 +51,10 @@ def main(cfg: ClipConfig) -> dict:
         ckpt = torch.load(best, map_location="cpu", weights_only=False)
         visual.load_state_dict(wise_ft(visual.state_dict(), ckpt["visual"], cfg.wise_alpha))
         cache_config.update(checkpoint=str(best), checkpoint_epoch=ckpt["epoch"], checkpoint_val_smape=ckpt["val_smape"])
-        if cfg.wise_alpha == 1.0:
-            head = ClipRegressor(visual, ckpt["embed_dim"], cfg.head_hidden)
-            head.head.load_state_dict(ckpt["head"])
-            head.to(device).eval()
+        if cfg.wise_alpha == 1.0:  # the head was trained on the fine-tuned tower's vectors only
+            head = price_head(ckpt["embed_dim"], cfg.head_hidden)
+            head.load_state_dict(ckpt["head"])
+            head.eval()
     visual.to(device).eval()
     with torch.no_grad():
         dim = visual(torch.zeros(1, 3, size, size, device=device)).shape[1]
@@ -74,20 +76,14 @@ def main(cfg: ClipConfig) -> dict:
             written[split] = writer.finalize()
             log.info("%s: encoded %d images now; cache %s", split, n, written[split])
         if split == "test" and head is not None and dist.is_main:
-            loader = image_loader(table["image_path"], table["has_image"], transform, size, cfg.extract_batch_size,
-                                  cfg.num_workers, device)
-            preds, present = [], []
+            # the head reads the tower's output, which the cache now holds: no second pass over images
+            cached = load_embeddings(cfg.embeddings_dir, cfg.source_name, "test", table["sample_id"])
             with torch.no_grad():
-                for pixels, ok, _ in loader:
-                    with autocast(device, dtype):
-                        preds.append(head(pixels.to(device)).float().cpu())
-                    present.append(ok)
-            log_pred = torch.cat(preds).numpy()
-            ok = torch.cat(present).numpy()
+                log_pred = head(torch.from_numpy(cached.values)).squeeze(-1).numpy()
             # rows without an image get the training median: the head has nothing to go on
-            price = np.where(ok, np.maximum(np.expm1(log_pred), ckpt["price_floor"]), np.nan)
             median = float(load_table(cfg.data_dir, "train")["price"].median())
-            out = pd.DataFrame({"sample_id": table["sample_id"], "price": np.where(ok, price, median)})
+            price = np.where(cached.present, prices_from_log(log_pred, ckpt["price_floor"]), median)
+            out = pd.DataFrame({"sample_id": table["sample_id"], "price": price})
             atomic_save(lambda tmp: out.to_csv(tmp, index=False), run_dir / "test_predictions.csv")
     barrier(dist)
     cleanup(dist)

@@ -5,11 +5,16 @@ import torch
 import torch.nn as nn
 
 
+def price_head(embed_dim: int, head_hidden: int) -> nn.Sequential:
+    """Image vector -> log1p(price)."""
+    return nn.Sequential(nn.Linear(embed_dim, head_hidden), nn.GELU(), nn.Dropout(0.1), nn.Linear(head_hidden, 1))
+
+
 class ClipRegressor(nn.Module):
     def __init__(self, visual: nn.Module, embed_dim: int, head_hidden: int):
         super().__init__()
         self.visual = visual
-        self.head = nn.Sequential(nn.Linear(embed_dim, head_hidden), nn.GELU(), nn.Dropout(0.1), nn.Linear(head_hidden, 1))
+        self.head = price_head(embed_dim, head_hidden)
 
     def forward(self, pixels):
         return self.head(self.visual(pixels).float()).squeeze(-1)

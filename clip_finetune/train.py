@@ -29,10 +29,10 @@ from core.encode import image_loader
 from core.errors import run_cli
 from core.io import atomic_save, write_json
 from core.losses import get_loss, l1_log_loss
-from core.metrics import format_table, price_bin_report, smape
+from core.metrics import format_table, price_bin_report, prices_from_log, smape
 from core.open_clip_models import image_size_of, load_open_clip
 from core.runs import claim_run_dir
-from core.runtime import autocast, progress, seed_everything, setup_logging
+from core.runtime import autocast, progress, seed_everything, setup_logging, warmup_cosine
 from core.tables import holdout_fold, load_table
 
 
@@ -93,12 +93,8 @@ def main(cfg: ClipConfig) -> dict:
     backbone = [p for p in model.visual.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW([{"params": backbone, "lr": cfg.lr_backbone},
                                    {"params": model.head.parameters(), "lr": cfg.lr_head}], weight_decay=cfg.weight_decay)
-    total_steps = max(1, cfg.epochs * len(train_loader))
-
-    def warmup_cosine(step):
-        return min(1.0, (step + 1) / max(1, cfg.warmup_steps)) * 0.5 * (1 + math.cos(math.pi * min(1.0, step / total_steps)))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine)
+    schedule = warmup_cosine(cfg.epochs * len(train_loader), cfg.warmup_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     scaler = torch.amp.GradScaler(enabled=dtype == torch.float16)
     loss_fn = get_loss(cfg.loss)
 
@@ -142,7 +138,7 @@ def main(cfg: ClipConfig) -> dict:
             total, count = total + float(loss.detach()) * len(idx), count + len(idx)
         if not math.isfinite(total):
             raise FloatingPointError(f"epoch {epoch}: loss is not finite; lower lr_backbone or use loss=l1")
-        val_pred = np.maximum(np.expm1(predict_log(model, val_loader, device, dtype)), price_floor)
+        val_pred = prices_from_log(predict_log(model, val_loader, device, dtype), price_floor)
         val_smape = smape(val_rows["price"], val_pred)
         improved = val_smape < best
         best, bad_epochs = (val_smape, 0) if improved else (best, bad_epochs + 1)

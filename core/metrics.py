@@ -33,6 +33,12 @@ def smape(y_true, y_pred) -> float:
     return float(rows.mean())
 
 
+def prices_from_log(log_pred, floor: float) -> np.ndarray:
+    """log1p predictions back to prices, floored at `floor` (the smallest training price).
+    Never clamp at 0: a zero prediction costs 200% SMAPE on its row."""
+    return np.maximum(np.expm1(np.asarray(log_pred, dtype=np.float64)), floor)
+
+
 def price_bin_labels(edges=PRICE_BIN_EDGES) -> list[str]:
     lows = (0.0, *edges)
     labels = [f"${lo:g}-{hi:g}" for lo, hi in zip(lows, edges)]

@@ -57,6 +57,14 @@ def autocast(device, dtype):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def warmup_cosine(total_steps: int, warmup_steps: int):
+    """LambdaLR factor: linear warmup over `warmup_steps`, then cosine decay to 0 at `total_steps`."""
+    import math
+
+    warmup, total = max(1, warmup_steps), max(1, total_steps)
+    return lambda step: min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, step / total)))
+
+
 def setup_logging(name: str, run_dir: Path | None = None) -> logging.Logger:
     """Log to the console and, when given, to `run_dir/log.txt` (appending, so resumed runs keep history)."""
     logger = logging.getLogger(name)

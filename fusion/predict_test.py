@@ -18,6 +18,7 @@ import torch
 
 from core.errors import PipelineError, run_cli
 from core.io import read_json
+from core.metrics import prices_from_log
 from core.runtime import amp_dtype, pick_device, setup_logging
 from core.submission import write_submission
 from core.tables import META_FILE, load_table
@@ -42,7 +43,7 @@ def main(cfg, output: Path | None = None) -> Path:
             raise PipelineError(f"{path} was trained on sources {ckpt['sources']}, but the test caches are {inputs.specs}")
         logs.append(predict_log(model, inputs, idx, 4096, device, amp_dtype(device, cfg.precision)))
         floors.append(ckpt["price_floor"])
-    prices = np.maximum(np.expm1(np.mean(logs, 0).astype(np.float64)), min(floors))
+    prices = prices_from_log(np.mean(logs, 0), min(floors))
     raw_test = Path(read_json(Path(cfg.data_dir) / META_FILE)["config"]["raw_dir"]) / "test.csv"
     output = Path(output) if output else run_dir / "test_out.csv"
     write_submission(output, table["sample_id"], prices, test_csv=raw_test if raw_test.exists() else None,

@@ -28,7 +28,7 @@ from core.config import ConfigError, same_settings, from_dict, parse_args, to_di
 from core.embedding_cache import load_embeddings
 from core.errors import run_cli
 from core.io import atomic_save, read_json, write_json
-from core.metrics import format_table, price_bin_report, smape
+from core.metrics import format_table, price_bin_report, prices_from_log, smape
 from core.runs import claim_run_dir
 from core.runtime import amp_dtype, autocast, pick_device, progress, seed_everything, setup_logging
 from core.tables import holdout_fold, load_table, n_folds
@@ -90,11 +90,6 @@ def predict_log(model, inputs: FusionInputs, idx: torch.Tensor, batch_size: int,
             pred, _ = model(xb, mb)
         out.append(pred.float().cpu())
     return torch.cat(out).numpy() if out else np.zeros(0, np.float32)
-
-
-def to_prices(log_pred: np.ndarray, floor: float) -> np.ndarray:
-    """Never 0: a zero prediction costs 200% SMAPE. Floor at the smallest training price."""
-    return np.maximum(np.expm1(log_pred.astype(np.float64)), floor)
 
 
 def expert_load(model) -> list[float] | None:
@@ -179,7 +174,7 @@ def train_fold(cfg: FusionConfig, fold: int, table: pd.DataFrame, inputs: Fusion
                 loads.append(load)
         if not math.isfinite(total):
             raise FloatingPointError(f"fold {fold} epoch {epoch}: loss is not finite; lower lr or check the embeddings for NaN")
-        val_pred = to_prices(predict_log(model, inputs, val_idx, cfg.batch_size, device, dtype), price_floor)
+        val_pred = prices_from_log(predict_log(model, inputs, val_idx, cfg.batch_size, device, dtype), price_floor)
         val_smape = smape(y_val_price, val_pred)
         scheduler.step(val_smape)
         row = {"epoch": epoch, "train_loss": total / max(count, 1), "loss": "l1_warmup" if use_l1 else cfg.loss,
@@ -206,7 +201,7 @@ def train_fold(cfg: FusionConfig, fold: int, table: pd.DataFrame, inputs: Fusion
         atomic_save(lambda tmp: pd.DataFrame(history).to_csv(tmp, index=False), fold_dir / "history.csv")
 
     model, _ = load_checkpoint(fold_dir / "best.pt", device)
-    val_pred = to_prices(predict_log(model, inputs, val_idx, cfg.batch_size, device, dtype), price_floor)
+    val_pred = prices_from_log(predict_log(model, inputs, val_idx, cfg.batch_size, device, dtype), price_floor)
     val_ids = table["sample_id"].to_numpy()[is_val]
     predictions = pd.DataFrame({"sample_id": val_ids, "fold": fold, "price": y_val_price, "pred": val_pred})
     atomic_save(lambda tmp: predictions.to_csv(tmp, index=False), fold_dir / "val_predictions.csv")

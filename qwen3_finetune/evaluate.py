@@ -9,13 +9,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from core.config import parse_args
 from core.errors import run_cli
 from core.io import atomic_save, write_json
-from core.metrics import format_table, price_bin_report, smape
+from core.metrics import format_table, price_bin_report, prices_from_log, smape
 from core.runtime import amp_dtype, pick_device
 from core.tables import holdout_fold, load_table
 from qwen3_finetune.config import PROFILES, QwenConfig
@@ -30,7 +29,7 @@ def main(cfg: QwenConfig) -> pd.DataFrame:
     token_ids, features = table_inputs(val, tokenizer, scaler, cfg.max_length)
     log_pred = run_rows(model, token_ids, features, cfg.eval_batch_size, tokenizer.pad_token_id, device,
                         amp_dtype(device, cfg.precision))
-    pred = np.maximum(np.expm1(log_pred.astype(np.float64)), meta["price_floor"])
+    pred = prices_from_log(log_pred, meta["price_floor"])
     run_dir = Path(cfg.out_dir) / cfg.run_name
     atomic_save(lambda tmp: pd.DataFrame({"sample_id": val["sample_id"], "price": val["price"], "pred": pred})
                 .to_csv(tmp, index=False), run_dir / "val_predictions.csv")

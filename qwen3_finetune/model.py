@@ -7,7 +7,6 @@ widths) and `meta.json`. The head and scaler are saved by us, not through peft's
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +17,7 @@ from core.io import atomic_save, write_json
 from core.tables import STRUCTURAL_FEATURES
 
 
-def model_text(item_name: str, catalog_content: str) -> str:
+def qwen_input_text(item_name: str, catalog_content: str) -> str:
     return f"{item_name} [SEP] {catalog_content}"
 
 
@@ -197,11 +196,6 @@ def run_rows(model: PriceRegressor, token_ids, features: np.ndarray, batch_size:
     return np.stack(out) if out else np.zeros((0,))
 
 
-def warmup_cosine(total_steps: int, warmup_ratio: float):
-    warmup = max(1, int(total_steps * warmup_ratio))
-    return lambda step: min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, step / max(1, total_steps))))
-
-
 def load_run(cfg, device):
     """(model, scaler, tokenizer, meta) from out_dir/run_name/best, with a clear error if missing."""
     from core.errors import PipelineError
@@ -215,5 +209,5 @@ def load_run(cfg, device):
 
 
 def table_inputs(table, tokenizer, scaler: FeatureScaler, max_length: int):
-    texts = [model_text(n, c) for n, c in zip(table["item_name"], table["catalog_content"])]
+    texts = [qwen_input_text(n, c) for n, c in zip(table["item_name"], table["catalog_content"])]
     return tokenize(tokenizer, texts, max_length), scaler.transform(table[STRUCTURAL_FEATURES].to_numpy())

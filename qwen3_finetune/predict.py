@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 
 from core.config import parse_args
 from core.errors import run_cli
 from core.io import read_json
+from core.metrics import prices_from_log
 from core.runtime import amp_dtype, pick_device
 from core.submission import write_submission
 from core.tables import META_FILE, load_table
@@ -27,7 +27,7 @@ def main(cfg: QwenConfig) -> Path:
     token_ids, features = table_inputs(table, tokenizer, scaler, cfg.max_length)
     log_pred = run_rows(model, token_ids, features, cfg.eval_batch_size, tokenizer.pad_token_id, device,
                         amp_dtype(device, cfg.precision))
-    prices = np.maximum(np.expm1(log_pred.astype(np.float64)), meta["price_floor"])  # never 0
+    prices = prices_from_log(log_pred, meta["price_floor"])
     raw_test = Path(read_json(Path(cfg.data_dir) / META_FILE)["config"]["raw_dir"]) / "test.csv"
     out = Path(cfg.out_dir) / cfg.run_name / "test_out.csv"
     write_submission(out, table["sample_id"], prices, test_csv=raw_test if raw_test.exists() else None,

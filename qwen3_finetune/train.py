@@ -20,20 +20,22 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
+from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
 from core.config import parse_args, to_dict
 from core.distributed import barrier, cleanup, init_device
 from core.errors import run_cli
 from core.io import atomic_save, write_json
 from core.losses import get_loss, l1_log_loss
-from core.metrics import smape
+from core.metrics import prices_from_log, smape
 from core.runs import claim_run_dir
-from core.runtime import autocast, progress, seed_everything, setup_logging
+from core.runtime import autocast, progress, seed_everything, setup_logging, warmup_cosine
 from core.tables import STRUCTURAL_FEATURES, holdout_fold, load_table
 from qwen3_finetune.config import PROFILES, QwenConfig
 from qwen3_finetune.model import (FeatureScaler, PriceRegressor, add_lora, collate, length_batches, load_backbone,
-                                  load_tokenizer, model_text, run_rows, save_checkpoint, tokenize, warmup_cosine)
+                                  load_tokenizer, qwen_input_text, run_rows, save_checkpoint, tokenize)
 
 
 def main(cfg: QwenConfig) -> dict:
@@ -51,7 +53,7 @@ def main(cfg: QwenConfig) -> dict:
     table = load_table(cfg.data_dir, "train")
     is_val = (table["fold"] == holdout_fold(cfg.data_dir)).to_numpy()
     tokenizer = load_tokenizer(cfg.model)
-    texts = [model_text(n, c) for n, c in zip(table["item_name"], table["catalog_content"])]
+    texts = [qwen_input_text(n, c) for n, c in zip(table["item_name"], table["catalog_content"])]
     token_ids = tokenize(tokenizer, texts, cfg.max_length)
     scaler = FeatureScaler().fit(table.loc[~is_val, STRUCTURAL_FEATURES].to_numpy())
     features = scaler.transform(table[STRUCTURAL_FEATURES].to_numpy())
@@ -73,14 +75,13 @@ def main(cfg: QwenConfig) -> dict:
                                    {"params": model.head.parameters(), "lr": cfg.head_lr}], weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(len(length_batches(np.zeros(len(train_idx)), cfg.batch_size, False, 0, dist.rank,
                                                    dist.world_size)) / cfg.grad_accum)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.epochs * steps_per_epoch, cfg.warmup_ratio))
+    total_steps = cfg.epochs * steps_per_epoch
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, int(total_steps * cfg.warmup_ratio)))
     loss_fn = get_loss(cfg.loss)
 
     start_epoch, best, bad_epochs, history = 0, math.inf, 0, []
     last_path = run_dir / "last.pt"
     if cfg.resume and last_path.exists():
-        from peft import set_peft_model_state_dict
-
         state = torch.load(last_path, map_location="cpu", weights_only=False)
         set_peft_model_state_dict(backbone, state["adapter"])
         model.head.load_state_dict(state["head"])
@@ -121,7 +122,7 @@ def main(cfg: QwenConfig) -> dict:
             raise FloatingPointError(f"epoch {epoch}: loss is not finite; lower lr, or use precision=bf16 on GPU")
         val_log = run_rows(model, [token_ids[i] for i in val_idx], features[val_idx], cfg.eval_batch_size,
                            tokenizer.pad_token_id, device, dtype)
-        val_pred = np.maximum(np.expm1(val_log.astype(np.float64)), price_floor)
+        val_pred = prices_from_log(val_log, price_floor)
         val_smape = smape(table["price"].to_numpy()[val_idx], val_pred)
         improved = val_smape < best
         best, bad_epochs = (val_smape, 0) if improved else (best, bad_epochs + 1)
@@ -135,14 +136,10 @@ def main(cfg: QwenConfig) -> dict:
             if improved:
                 shutil.rmtree(run_dir / "best", ignore_errors=True)
                 shutil.copytree(run_dir / f"epoch_{epoch}", run_dir / "best")
-            from peft import get_peft_model_state_dict
-
             state = {"adapter": get_peft_model_state_dict(backbone), "head": model.head.state_dict(),
                      "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch,
                      "best": best, "bad_epochs": bad_epochs, "history": history, "rng": torch.get_rng_state()}
             atomic_save(lambda tmp: torch.save(state, tmp), last_path)
-            import pandas as pd
-
             atomic_save(lambda tmp: pd.DataFrame(history).to_csv(tmp, index=False), run_dir / "history.csv")
         log.info("epoch %d  loss %.4f  val SMAPE %.3f%s  lr %.2e  %.0f tokens/s  %.1fs", epoch, history[-1]["train_loss"],
                  val_smape, " *" if improved else "", history[-1]["lr"], history[-1]["train_tokens_per_s"], seconds)

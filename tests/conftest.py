@@ -1,3 +1,4 @@
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -70,3 +71,26 @@ def tiny_models(demo_catalog):
     from core.tiny_models import TinyModelsConfig, main
 
     return main(TinyModelsConfig(out_dir=demo_catalog / "models", data_dir=demo_catalog / "data"))
+
+
+@pytest.fixture
+def interrupt(monkeypatch):
+    """`with interrupt(owner, "name", on_call=n): run()` makes owner.name raise KeyboardInterrupt on
+    its n-th call (a crash mid-run), checks the run was stopped by it, then restores owner.name."""
+
+    @contextlib.contextmanager
+    def on_call(owner, name, on_call):
+        real, calls = getattr(owner, name), []
+
+        def crashing(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == on_call:
+                raise KeyboardInterrupt
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(owner, name, crashing)
+        with pytest.raises(KeyboardInterrupt):
+            yield
+        monkeypatch.setattr(owner, name, real)
+
+    return on_call

@@ -77,23 +77,13 @@ def test_freezing_keeps_stem_early_blocks_and_norms_fixed(tiny_models):
     assert 0 < trainable < sum(p.numel() for p in visual.parameters())
 
 
-def test_resume_gives_the_same_next_epoch_loss(demo_catalog, tiny_models, tmp_path, monkeypatch):
+def test_resume_gives_the_same_next_epoch_loss(demo_catalog, tiny_models, tmp_path, interrupt):
     ref_cfg = config(demo_catalog, tiny_models, tmp_path / "a", epochs=3, early_stopping_patience=10)
     train.main(ref_cfg)
     reference = pd.read_csv(tmp_path / "a" / "tiny" / "history.csv")
     cfg = config(demo_catalog, tiny_models, tmp_path / "b", epochs=3, early_stopping_patience=10)
-    real, calls = train.predict_log, []
-
-    def crash_in_second_epoch(*a, **kw):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*a, **kw)
-
-    monkeypatch.setattr(train, "predict_log", crash_in_second_epoch)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupt(train, "predict_log", on_call=2):  # in the second epoch's validation
         train.main(cfg)
-    monkeypatch.setattr(train, "predict_log", real)
     train.main(cfg)
     resumed = pd.read_csv(tmp_path / "b" / "tiny" / "history.csv")
     np.testing.assert_allclose(resumed["train_loss"], reference["train_loss"], rtol=1e-5)

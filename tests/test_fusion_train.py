@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
-from core.metrics import smape
+from core.metrics import prices_from_log, smape
 from core.submission import check_submission
 from core.tables import load_table
 from fusion import compare, evaluate_by_groups, predict_test, train
@@ -56,7 +56,7 @@ def test_reloaded_checkpoint_predicts_identically(planted, trained):
     table = load_table(cfg.data_dir, "train")
     inputs = train.load_inputs(cfg, "train", saved["sample_id"].tolist(), torch.device("cpu"))
     log_pred = train.predict_log(model, inputs, torch.arange(len(saved)), 256, torch.device("cpu"), None)
-    np.testing.assert_allclose(train.to_prices(log_pred, ckpt["price_floor"]), saved["pred"], rtol=1e-6)
+    np.testing.assert_allclose(prices_from_log(log_pred, ckpt["price_floor"]), saved["pred"], rtol=1e-6)
     assert ckpt["price_floor"] == table.loc[table["fold"] != 0, "price"].min()
     history = pd.read_csv(fold_dir / "history.csv")
     assert history["val_smape"].min() == pytest.approx(ckpt["val_smape"])
@@ -84,24 +84,14 @@ def test_evaluate_by_groups_writes_table_and_plots(trained):
         assert (out / name).stat().st_size > 0
 
 
-def test_interrupted_training_resumes_to_the_same_history(planted, tmp_path, monkeypatch):
+def test_interrupted_training_resumes_to_the_same_history(planted, tmp_path, interrupt):
     args = ["model=qwen_clip", *cli(planted, tmp_path / "a", "epochs=6", "l1_warmup_epochs=2")]
     train.main(train.parse_cli(args))
     reference = pd.read_csv(tmp_path / "a/qwen_clip/fold_0/history.csv")
 
     args_b = ["model=qwen_clip", *cli(planted, tmp_path / "b", "epochs=6", "l1_warmup_epochs=2")]
-    real_predict, calls = train.predict_log, []
-
-    def crash_in_epoch_4(*a, **kw):
-        calls.append(1)
-        if len(calls) == 4:
-            raise KeyboardInterrupt
-        return real_predict(*a, **kw)
-
-    monkeypatch.setattr(train, "predict_log", crash_in_epoch_4)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupt(train, "predict_log", on_call=4):  # in the fourth epoch's validation
         train.main(train.parse_cli(args_b))
-    monkeypatch.setattr(train, "predict_log", real_predict)
     assert len(pd.read_csv(tmp_path / "b/qwen_clip/fold_0/history.csv")) == 3
     train.main(train.parse_cli(args_b))
     resumed = pd.read_csv(tmp_path / "b/qwen_clip/fold_0/history.csv")

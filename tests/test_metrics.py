@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from core.metrics import price_bin_index, price_bin_report, smape, smape_per_row
+from core.metrics import price_bin_index, price_bin_report, prices_from_log, smape, smape_per_row
 
 
 def test_smape_hand_computed():
@@ -38,3 +38,8 @@ def test_price_bins_and_report():
     assert report.loc["$200+", "median_pred_over_true"] == pytest.approx(0.5)
     assert report.loc["$10-30", "count"] == 0
     assert report.loc["all", "smape"] == pytest.approx(smape(y, p))
+
+
+def test_prices_from_log_floor_instead_of_zero():
+    prices = prices_from_log(np.log1p([12.0, 0.0]).tolist() + [-3.0], floor=0.13)
+    assert prices[0] == pytest.approx(12.0) and prices[1] == prices[2] == 0.13

@@ -106,22 +106,12 @@ def test_structural_features_reach_the_head(tiny_models):
     assert emb.shape == (1, 64 + 3) and np.allclose(emb[0, -3:], [2.0, -1.0, 0.5])
 
 
-def test_extraction_width_alignment_and_resume(demo_catalog, trained, tmp_path, monkeypatch):
+def test_extraction_width_alignment_and_resume(demo_catalog, trained, tmp_path, interrupt):
     cfg, _ = trained
     cfg = replace(cfg, chunk_size=128)
     extract_embeddings.main(replace(cfg, embeddings_dir=tmp_path / "full"))
-    real, done = EmbeddingCacheWriter.write_chunk, []
-
-    def crash(self, chunk, *a, **kw):
-        if len(done) == 2:
-            raise KeyboardInterrupt
-        done.append(chunk)
-        return real(self, chunk, *a, **kw)
-
-    monkeypatch.setattr(EmbeddingCacheWriter, "write_chunk", crash)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupt(EmbeddingCacheWriter, "write_chunk", on_call=3):  # two chunks on disk
         extract_embeddings.main(replace(cfg, embeddings_dir=tmp_path / "resumed"))
-    monkeypatch.setattr(EmbeddingCacheWriter, "write_chunk", real)
     extract_embeddings.main(replace(cfg, embeddings_dir=tmp_path / "resumed"))
     for split in ("train", "test"):
         table = load_table(demo_catalog / "data", split)
@@ -154,22 +144,12 @@ def test_ddp_on_two_cpu_processes(demo_catalog, tiny_models, tmp_path):
 
 
 @pytest.mark.parametrize("quantization", ["4bit", "none"])
-def test_resume_gives_the_same_next_epoch_loss(demo_catalog, tiny_models, tmp_path, monkeypatch, quantization):
+def test_resume_gives_the_same_next_epoch_loss(demo_catalog, tiny_models, tmp_path, interrupt, quantization):
     train.main(config(demo_catalog, tiny_models, tmp_path / "a", epochs=3, early_stopping_patience=10, quantization=quantization))
     reference = pd.read_csv(tmp_path / "a" / "tiny" / "history.csv")
     cfg = config(demo_catalog, tiny_models, tmp_path / "b", epochs=3, early_stopping_patience=10, quantization=quantization)
-    real, calls = train.run_rows, []
-
-    def crash_in_second_epoch(*a, **kw):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*a, **kw)
-
-    monkeypatch.setattr(train, "run_rows", crash_in_second_epoch)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupt(train, "run_rows", on_call=2):  # in the second epoch's validation
         train.main(cfg)
-    monkeypatch.setattr(train, "run_rows", real)
     train.main(cfg)
     resumed = pd.read_csv(tmp_path / "b" / "tiny" / "history.csv")
     np.testing.assert_allclose(resumed["train_loss"], reference["train_loss"], rtol=1e-5)

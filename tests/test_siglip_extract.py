@@ -49,19 +49,9 @@ def test_text_is_padded_to_64_and_images_use_siglip_normalisation(tiny_models):
     assert list(normalize.mean) == [0.5, 0.5, 0.5] and list(normalize.std) == [0.5, 0.5, 0.5]
 
 
-def test_killed_extraction_resumes_to_the_same_arrays(demo_catalog, tiny_models, extracted, tmp_path, monkeypatch):
-    real_write, written = EmbeddingCacheWriter.write_chunk, []
-
-    def crash_after_two(self, chunk, *a, **kw):
-        if len(written) == 2:
-            raise KeyboardInterrupt
-        written.append(chunk)
-        return real_write(self, chunk, *a, **kw)
-
-    monkeypatch.setattr(EmbeddingCacheWriter, "write_chunk", crash_after_two)
-    with pytest.raises(KeyboardInterrupt):
+def test_killed_extraction_resumes_to_the_same_arrays(demo_catalog, tiny_models, extracted, tmp_path, interrupt):
+    with interrupt(EmbeddingCacheWriter, "write_chunk", on_call=3):  # two chunks on disk
         extract.main(config(demo_catalog, tiny_models, tmp_path, split="train"))
-    monkeypatch.setattr(EmbeddingCacheWriter, "write_chunk", real_write)
     extract.main(config(demo_catalog, tiny_models, tmp_path, split="train"))
     for source in ("siglip_image", "siglip_text"):
         a = (extracted / source / "train" / "embeddings.npy").read_bytes()
