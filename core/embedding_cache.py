@@ -201,3 +201,22 @@ def load_embeddings(root: Path, source: str, split: str, sample_ids=None, expect
         row = int(order[np.flatnonzero(~np.isfinite(out).all(1))[0]])
         raise CacheError(f"{folder}: NaN or Inf in the embedding of sample_id {ids[row]} (row {row})")
     return CachedEmbeddings(values=out, present=present[order].astype(bool), meta=meta)
+
+
+SKIPPED_FILE = "skipped.json"
+
+
+def mark_source_skipped(root: Path, source: str, reason: str, config: dict | None = None) -> Path:
+    """Record that a stage wrote no cache for `source` (e.g. no row has a usable image), so later
+    stages leave the source out with a log line instead of failing or inventing vectors."""
+    folder = Path(root) / source
+    if folder.exists():
+        shutil.rmtree(folder)
+    write_json(folder / SKIPPED_FILE, {"source": source, "reason": reason, "config": config or {}})
+    return folder
+
+
+def skipped_reason(root: Path, source: str) -> str | None:
+    """Why `source` has no cache, when its stage stepped aside; None when it was not skipped."""
+    path = Path(root) / source / SKIPPED_FILE
+    return read_json(path)["reason"] if path.exists() else None
