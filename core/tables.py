@@ -43,3 +43,18 @@ def holdout_fold(data_dir: Path) -> int:
 
 def n_folds(data_dir: Path) -> int:
     return int(read_json(Path(data_dir) / META_FILE)["config"]["n_folds"])
+
+
+def encoder_rows(table: pd.DataFrame, holdout: int, selection_fraction: float = 0.1, seed: int = 42):
+    """(fit, select) boolean masks for an encoder fine-tuned once: it trains on `fit` and chooses its
+    checkpoint (early stopping, best epoch) on `select`, a seeded slice of the non-holdout folds.
+    The holdout fold is neither, so fusion and the ensemble score it on rows the encoder never saw
+    nor chose a checkpoint with."""
+    import numpy as np
+
+    outside = table["fold"].to_numpy() != holdout
+    rng = np.random.default_rng(seed)
+    select = outside & (rng.random(len(table)) < selection_fraction)
+    if outside.any() and not select.any():
+        select[np.flatnonzero(outside)[0]] = True
+    return outside & ~select, select
