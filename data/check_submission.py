@@ -3,15 +3,16 @@
     python -m data.check_submission PRED_CSV TEST_CSV
 
 Exits 0 with a one-line summary when the file has header `sample_id,price` and exactly one
-finite, positive price for every test id; exits 1 listing every problem otherwise.
+finite, positive price for every test id; exits 1 listing every problem otherwise. It judges what
+a grader's CSV reader accepts: a UTF-8 byte-order mark (Excel writes one) and one blank line at
+the end pass, each with a warning.
 """
 from __future__ import annotations
 
-import csv
 import sys
 from pathlib import Path
 
-from core.submission import SubmissionError, check_submission
+from core.submission import SubmissionError, review_submission
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,17 +26,18 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {path}: file not found", file=sys.stderr)
             return 1
     try:
-        problems = check_submission(pred_csv, test_csv)
+        review = review_submission(pred_csv, test_csv)
     except SubmissionError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    if problems:
+    for warning in review.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    if review.problems:
         print(f"INVALID {pred_csv}:", file=sys.stderr)
-        for problem in problems:
+        for problem in review.problems:
             print(f"  {problem}", file=sys.stderr)
         return 1
-    with open(pred_csv, newline="") as f:
-        prices = [float(row["price"]) for row in csv.DictReader(f)]
+    prices = review.prices
     print(f"OK {pred_csv}: {len(prices)} test ids, prices {min(prices):.4g} to {max(prices):.4g}")
     return 0
 

@@ -10,7 +10,9 @@ out_dir/prepare.json. Every later stage splits by the `fold` column written here
 from __future__ import annotations
 
 import csv
+import logging
 import math
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -27,10 +29,23 @@ from data.config import PREPARE_PROFILES, PrepareConfig
 from data.images import fetch_images
 
 REQUIRED = ["sample_id", "catalog_content", "image_link"]
+# Bytes that are not valid UTF-8, as `errors="surrogateescape"` decodes them.
+UNDECODABLE = re.compile("[\udc80-\udcff]")
+NOT_UTF8_HINT = "(the file is not UTF-8: it was probably saved as Latin-1 or Windows-1252; save it as UTF-8)"
 
 
 class DataValidationError(PipelineError, ValueError):
     pass
+
+
+def undecodable_bytes(text: str) -> str:
+    """The bytes of `text` that were not valid UTF-8, as \\xNN escapes ('' when there are none)."""
+    return "".join(f"\\x{ord(c) - 0xDC00:02x}" for c in UNDECODABLE.findall(text)[:4])
+
+
+def escaped(text: str) -> str:
+    """`text` with each byte that was not valid UTF-8 written as \\xNN, safe to print."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def read_competition_csv(path: Path, with_price: bool, max_listed: int = 20) -> pd.DataFrame:
@@ -43,17 +58,32 @@ def read_competition_csv(path: Path, with_price: bool, max_listed: int = 20) -> 
     problems: list[str] = []
     records = []
     first_line: dict[str, int] = {}
-    with open(path, newline="", encoding="utf-8") as f:
+    # utf-8-sig reads past the byte-order mark Excel writes. Undecodable bytes are kept as markers
+    # so that the error can name their row and column.
+    with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
         reader = csv.DictReader(f)
         header = reader.fieldnames or []
+        bad = undecodable_bytes("".join(header))
+        if bad:
+            raise DataValidationError(f"{path}: {path.name} line 1 (the header): expected UTF-8 text, got byte(s) "
+                                      f"{bad} {NOT_UTF8_HINT}")
         missing = [c for c in needed if c not in header]
         if missing:
             raise DataValidationError(f"{path}: missing column(s) {missing}; the header has {header}")
+        if not with_price and "price" in header:
+            logging.getLogger("data.prepare").warning(
+                "%s has a 'price' column; it is dropped. Test data carries no prices: train.csv and test.csv "
+                "may be swapped, or labels lie beside the test data", path.name)
         start = reader.line_num + 1
         for row in reader:
             line, start = start, reader.line_num + 1
             sid = (row.get("sample_id") or "").strip()
-            where = f"{path.name} line {line} (sample_id {sid or '?'})"
+            where = f"{path.name} line {line} (sample_id {escaped(sid) or '?'})"
+            not_utf8 = [c for c in header if isinstance(row.get(c), str) and UNDECODABLE.search(row[c])]
+            if not_utf8:
+                shown = undecodable_bytes("".join(row[c] for c in not_utf8))
+                problems.append(f"{where}, column {', '.join(map(repr, not_utf8))}: expected UTF-8 text, got byte(s) {shown}")
+                continue
             if None in row or any(row.get(c) is None for c in needed):
                 problems.append(f"{where}: expected {len(header)} fields, got a different number")
                 continue
@@ -80,7 +110,8 @@ def read_competition_csv(path: Path, with_price: bool, max_listed: int = 20) -> 
             records.append(record)
     if problems:
         more = f"\n  ... and {len(problems) - max_listed} more" if len(problems) > max_listed else ""
-        raise DataValidationError(f"{path}: {len(problems)} bad row(s):\n  " + "\n  ".join(problems[:max_listed]) + more)
+        hint = f"\n  {NOT_UTF8_HINT}" if any("expected UTF-8" in p for p in problems) else ""
+        raise DataValidationError(f"{path}: {len(problems)} bad row(s):\n  " + "\n  ".join(problems[:max_listed]) + more + hint)
     if not records:
         raise DataValidationError(f"{path}: no rows")
     return pd.DataFrame.from_records(records)
@@ -167,13 +198,14 @@ def main(cfg: PrepareConfig) -> dict:
         if not path.exists():
             raise DataValidationError(f"{path}: not found. Put the competition's train.csv and test.csv in one folder "
                                       f"and pass raw_dir=FOLDER (or run profile=tiny for the demo catalog)")
-    write_json(meta_path, {"config": to_dict(cfg), "complete": False})
     train = read_competition_csv(train_csv, with_price=True)
     test = read_competition_csv(test_csv, with_price=False)
     overlap = set(train["sample_id"]) & set(test["sample_id"])
     if overlap:
         raise DataValidationError(f"{len(overlap)} sample_id(s) appear in both train.csv and test.csv, e.g. {sorted(overlap)[:5]}")
     log.info("read %d train and %d test rows from %s", len(train), len(test), cfg.raw_dir)
+    # Only now, with the new CSVs valid, is the old output replaced; a run on bad files leaves it usable.
+    write_json(meta_path, {"config": to_dict(cfg), "complete": False})
 
     train, test = parse_rows(train), parse_rows(test)
 

@@ -122,3 +122,78 @@ def test_prepare_skips_when_complete_and_reruns_on_config_change(demo_catalog, t
 def test_missing_input_files_say_what_to_do(tmp_path):
     with pytest.raises(DataValidationError, match="raw_dir=FOLDER"):
         prepare.main(PrepareConfig(raw_dir=tmp_path / "nowhere", out_dir=tmp_path / "out"))
+
+
+def write_bytes(tmp_path, data: bytes, name="train.csv"):
+    path = tmp_path / name
+    path.write_bytes(data)
+    return path
+
+
+@pytest.mark.parametrize("row,where,shown", [
+    (b'2,"caf\xe9\ncr\xe8me",y.png,4\n', "line 3 (sample_id 2), column 'catalog_content'", r"\xe9"),
+    (b"2\xff,b,y.png,4\n", r"line 3 (sample_id 2\xff), column 'sample_id'", r"\xff"),
+])
+def test_non_utf8_byte_names_file_line_id_and_column(tmp_path, row, where, shown):
+    path = write_bytes(tmp_path, HEADER.encode() + b"1,a,x.png,3\n" + row + b"3,c,z.png,5\n")
+    with pytest.raises(DataValidationError) as err:
+        read_competition_csv(path, with_price=True)
+    message = str(err.value)
+    assert f"train.csv {where}" in message and "UTF-8" in message and shown in message
+    assert "1 bad row" in message  # the good rows around it are not blamed
+
+
+def test_non_utf8_byte_in_the_header_names_line_1(tmp_path):
+    path = write_bytes(tmp_path, b"sample_id,catalog_content,image_link,pr\xefce\n1,a,x,3\n")
+    with pytest.raises(DataValidationError, match=r"train.csv line 1 \(the header\).*UTF-8"):
+        read_competition_csv(path, with_price=True)
+
+
+def test_excel_byte_order_mark_is_read_past(tmp_path):
+    path = write_bytes(tmp_path, b"\xef\xbb\xbf" + HEADER.encode() + b"1,caf\xc3\xa9,x.png,3\n")
+    df = read_competition_csv(path, with_price=True)
+    assert df["sample_id"].tolist() == ["1"] and df["catalog_content"].tolist() == ["caf\u00e9"]
+
+
+def small_raw(folder: Path, n_train=20, test_header="sample_id,catalog_content,image_link\n", test_price=""):
+    """A tiny competition folder whose image links point nowhere (images are not needed here)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    train = "".join(f'{i},"Item Name: thing {i}\nValue: {i}\nUnit: Ounce",img{i}.png,{1.5 * i + 1}\n' for i in range(n_train))
+    test = "".join(f"t{i},Item Name: other {i},timg{i}.png{test_price}\n" for i in range(5))
+    (folder / "train.csv").write_text(HEADER + train)
+    (folder / "test.csv").write_text(test_header + test)
+    return folder
+
+
+def test_test_csv_with_prices_warns_and_drops_them(tmp_path, capsys):
+    raw = small_raw(tmp_path / "raw", test_header=HEADER, test_price=",9.5")
+    prepare.main(PrepareConfig(raw_dir=raw, out_dir=tmp_path / "out", download_images=False, download_workers=1))
+    log = (tmp_path / "out" / "log.txt").read_text()
+    assert "test.csv has a 'price' column" in log and "swapped" in log
+    assert "swapped" in capsys.readouterr().out
+    test = load_table(tmp_path / "out", "test")
+    assert "price" not in test.columns and len(test) == 5
+
+
+def test_test_csv_without_prices_does_not_warn(tmp_path):
+    raw = small_raw(tmp_path / "raw")
+    prepare.main(PrepareConfig(raw_dir=raw, out_dir=tmp_path / "out", download_images=False, download_workers=1))
+    assert "swapped" not in (tmp_path / "out" / "log.txt").read_text()
+
+
+@pytest.mark.parametrize("bad_train", [
+    HEADER.encode() + b"1,caf\xe9,x.png,3\n",  # not UTF-8
+    HEADER.encode() + b"1,a,x.png,-3\n",  # a bad price
+])
+def test_failed_run_on_bad_csv_keeps_the_good_output(tmp_path, bad_train):
+    raw = small_raw(tmp_path / "raw")
+    out = tmp_path / "out"
+    cfg = PrepareConfig(raw_dir=raw, out_dir=out, download_images=False, download_workers=1)
+    prepare.main(cfg)
+    before = load_table(out, "train")
+    (raw / "train.csv").write_bytes(bad_train)
+    with pytest.raises(DataValidationError, match="train.csv line 2"):
+        prepare.main(cfg)
+    assert read_json(out / "prepare.json")["complete"] is True
+    pd.testing.assert_frame_equal(load_table(out, "train"), before)
+    assert len(load_table(out, "test")) == 5

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from core.submission import SubmissionError, check_submission, write_submission
+from core.submission import SubmissionError, check_submission, review_submission, write_submission
 from data.check_submission import main as check_main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,3 +75,75 @@ def test_writer_refuses_bad_prices_and_keeps_the_old_file(tmp_path, test_csv):
         write_submission(out, [1, 2], [1.0, 2.0], test_csv=test_csv)
     assert out.read_text() == before
     assert check_submission(out, test_csv) == []
+
+
+def write_bytes(tmp_path, data: bytes, name="pred.csv"):
+    path = tmp_path / name
+    path.write_bytes(data)
+    return path
+
+
+@pytest.mark.parametrize("data,warning", [
+    (b"\xef\xbb\xbfsample_id,price\n1,1.5\n2,2\n3,3\n", "byte-order mark"),
+    (b"sample_id,price\n1,1.5\n2,2\n3,3\n\n", "blank line at the end"),
+    (b"sample_id,price\r\n1,1.5\r\n2,2\r\n3,3\r\n\r\n", "blank line at the end"),
+])
+def test_excel_bom_and_one_trailing_blank_line_pass_with_a_warning(tmp_path, test_csv, capsys, data, warning):
+    pred = write_bytes(tmp_path, data)
+    assert check_submission(pred, test_csv) == []
+    assert check_main([str(pred), str(test_csv)]) == 0
+    out = capsys.readouterr()
+    assert "OK" in out.out and "3 test ids, prices 1.5 to 3" in out.out
+    assert f"warning: {pred}" in out.err and warning in out.err
+
+
+def test_bom_and_blank_line_together_give_two_warnings(tmp_path, test_csv):
+    pred = write_bytes(tmp_path, b"\xef\xbb\xbfsample_id,price\n1,1\n2,1\n3,1\n\n")
+    review = review_submission(pred, test_csv)
+    assert review.problems == [] and len(review.warnings) == 2
+
+
+@pytest.mark.parametrize("data,expected", [
+    (b"sample_id,price\n1,1\n2,1\n3,1\n\n\n", "line 6: expected 2 fields, got 0"),  # two blank lines
+    (b"sample_id,price\n1,1\n\n2,1\n3,1\n", "line 3: expected 2 fields, got 0"),  # a blank line inside
+    (b"\xef\xbb\xbfsample_id,price\n1,1\n2,1\n", "test ids missing: sample_id 3"),  # a BOM hides nothing else
+    (b"\xef\xbb\xbfid,price\n1,1\n2,1\n3,1\n", "header must be exactly"),
+    (b"\xef\xbb\xbf", "header must be exactly"),
+])
+def test_the_tolerance_stops_there(tmp_path, test_csv, capsys, data, expected):
+    pred = write_bytes(tmp_path, data)
+    assert any(expected in p for p in check_submission(pred, test_csv)), check_submission(pred, test_csv)
+    assert check_main([str(pred), str(test_csv)]) == 1
+    assert expected in capsys.readouterr().err
+
+
+def test_strict_check_and_the_writer_allow_neither(tmp_path, test_csv):
+    for data in (b"\xef\xbb\xbfsample_id,price\n1,1\n2,1\n3,1\n", b"sample_id,price\n1,1\n2,1\n3,1\n\n"):
+        problems = check_submission(write_bytes(tmp_path, data), test_csv, strict=True)
+        assert len(problems) == 1 and ("byte-order mark" in problems[0] or "blank line" in problems[0])
+    out = write_submission(tmp_path / "test_out.csv", [1, 2, 3], [1.0, 2.0, 3.0], test_csv=test_csv)
+    data = out.read_bytes()
+    assert data.startswith(b"sample_id,price\n") and not data.endswith(b"\n\n")
+    assert check_submission(out, test_csv, strict=True) == []
+
+
+@pytest.mark.parametrize("data,where", [
+    (b"sample_id,price\n1,1\n2,1\xa0\n3,1\n", "line 3 (sample_id 2)"),
+    (b"sample_id,price\n1,1\n2\xe9,1\n3,1\n", r"line 3 (sample_id 2\xe9)"),
+    (b"sample_id,pr\xefce\n1,1\n2,1\n3,1\n", "line 1 (the header)"),
+])
+def test_non_utf8_submission_names_file_line_and_id(tmp_path, test_csv, capsys, data, where):
+    pred = write_bytes(tmp_path, data)
+    with pytest.raises(SubmissionError) as err:
+        check_submission(pred, test_csv)
+    message = str(err.value)
+    assert message.startswith(f"{pred}: expected UTF-8") and f"pred.csv {where}: byte(s) \\x" in message
+    assert check_main([str(pred), str(test_csv)]) == 1
+    assert f"pred.csv {where}" in capsys.readouterr().err
+
+
+def test_non_utf8_test_csv_names_file_line_and_id(tmp_path):
+    test_csv = write_bytes(tmp_path, b'sample_id,catalog_content,image_link\n1,"a\nb",x\n2,caf\xe9,y\n', "test.csv")
+    pred = write_bytes(tmp_path, b"sample_id,price\n1,1\n2,1\n")
+    with pytest.raises(SubmissionError, match=r"UTF-8.*\n  test.csv line 4 \(sample_id 2\): byte\(s\) \\xe9"):
+        check_submission(pred, test_csv)
