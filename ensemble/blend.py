@@ -187,6 +187,29 @@ def select_models(cfg: EnsembleConfig, log) -> list:
     return blendable
 
 
+def clean_rows(models, folds: np.ndarray, seed: int, log):
+    """(mask of train rows every model's `encoder_unseen_folds` covers, the folds nested CV uses on them).
+    With one clean fold only (one encoder fine-tuned outside the holdout fold), nested CV splits
+    that fold's rows into five seeded parts."""
+    unseen = None
+    for preds in models:
+        allowed = preds.meta.get("encoder_unseen_folds")  # None: every fold (frozen or no encoder)
+        if allowed is not None:
+            unseen = set(allowed) if unseen is None else unseen & set(allowed)
+    if unseen is None:
+        return np.ones(len(folds), bool), folds
+    clean = np.isin(folds, sorted(unseen))
+    if not clean.any():
+        raise PipelineError("no train fold is unseen by every model's fine-tuned encoders; nothing to score the "
+                            "blend on honestly (train the encoders with encoder_folds=all, or blend fewer models)")
+    log.info("fitting and scoring the blend on fold(s) %s only (%d rows): a fine-tuned encoder trained on the "
+             "other folds' rows", sorted(unseen), int(clean.sum()))
+    cv_folds = folds[clean]
+    if len(unseen) < 2:
+        cv_folds = np.random.default_rng(seed).permutation(int(clean.sum())) % 5
+    return clean, cv_folds
+
+
 def main(cfg: EnsembleConfig) -> Path:
     out_dir = Path(cfg.predictions_dir) / ENSEMBLE_MODEL
     log = setup_logging("ensemble.blend", out_dir)
@@ -207,14 +230,17 @@ def main(cfg: EnsembleConfig) -> Path:
             log.info("warning: %s's fold column differs from the data stage's on %d rows; its OOF rows may not "
                      "match the shared split", preds.model, int((own_folds != folds).sum()))
 
+    # Rows whose inputs came from an encoder fine-tuned on them (or that chose its checkpoint with them)
+    # would flatter that model; the blend is fitted and scored only on rows every model calls unseen.
+    clean, cv_folds = clean_rows(models, folds, cfg.seed, log)
     fit_kwargs = dict(scale_min=cfg.scale_min, scale_max=cfg.scale_max, scale_steps=cfg.scale_steps,
                       smoothing=cfg.smoothing, n_restarts=cfg.n_restarts, seed=cfg.seed)
-    model_smape = {name: smape(y_price, prices_from_log(oof[:, i], floor)) for i, name in enumerate(names)}
-    nested = nested_cv(oof, y_price, folds, **fit_kwargs)
-    nested_smape = smape(y_price, nested.prices)
+    model_smape = {name: smape(y_price[clean], prices_from_log(oof[clean, i], floor)) for i, name in enumerate(names)}
+    nested = nested_cv(oof[clean], y_price[clean], cv_folds, **fit_kwargs)
+    nested_smape = smape(y_price[clean], nested.prices)
     fold_values = np.array(list(nested.fold_smape.values()))
-    final = fit_blend(oof, y_price, floor, **fit_kwargs)
-    in_sample_smape = smape(y_price, blend_prices(oof, final.weights, final.scale, floor))
+    final = fit_blend(oof[clean], y_price[clean], floor, **fit_kwargs)
+    in_sample_smape = smape(y_price[clean], blend_prices(oof[clean], final.weights, final.scale, floor))
     test_prices = blend_prices(test_log, final.weights, final.scale, floor)
 
     # the submission, checked against the raw test CSV when it is still where the data stage read it
@@ -224,13 +250,15 @@ def main(cfg: EnsembleConfig) -> Path:
                      test_ids=None if raw_test.exists() else test_ids)
 
     weights = {name: float(w) for name, w in zip(names, final.weights)}
-    deciles = smape_by_decile(y_price, nested.prices)
+    deciles = smape_by_decile(y_price[clean], nested.prices)
     summary = {
         "models": names,
         "weights": weights,
         "scale": final.scale,
         "price_floor": floor,
         "nested_cv_smape": nested_smape,
+        "rows_fitted": int(clean.sum()),
+        "encoder_unseen_folds": sorted(set(folds[clean].tolist())),
         "nested_cv_fold_smape": {str(f): v for f, v in nested.fold_smape.items()},
         "nested_cv_smape_std": float(fold_values.std()),
         "nested_cv_fold_weights": {str(f): {n: float(w) for n, w in zip(names, b.weights)}
@@ -245,7 +273,8 @@ def main(cfg: EnsembleConfig) -> Path:
         "config": to_dict(cfg),
     }
     write_predictions(cfg.predictions_dir, ENSEMBLE_MODEL,
-                      pd.DataFrame({"sample_id": train_ids, "log_pred": np.log1p(nested.prices), "fold": folds}),
+                      pd.DataFrame({"sample_id": np.asarray(train_ids)[clean], "log_pred": np.log1p(nested.prices),
+                                    "fold": folds[clean]}),
                       pd.DataFrame({"sample_id": test_ids, "log_pred": np.log1p(test_prices)}),
                       {**summary, "oof_kind": "out_of_fold",
                        "selection": "weights and scale fitted on the other folds (nested CV)"})

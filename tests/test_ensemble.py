@@ -187,3 +187,23 @@ def test_command_line_picks_profile_and_model_list():
     assert str(cfg.predictions_dir) == "checkpoints/demo/predictions" and cfg.output is None
     assert parse_args(EnsembleConfig, ["models="], PROFILES).models == []  # empty: every model found
     assert set(PROFILES) == {"default", "small", "tiny"}
+
+
+def test_rows_seen_by_a_fine_tuned_encoder_are_neither_fitted_nor_scored(stage, capsys):
+    """A model whose encoder trained on folds 1-4 flatters itself there: the blend uses fold 0 alone."""
+    cfg, train, test = stage
+    y = train["log_price"].to_numpy()
+    leaky = np.where(train["fold"] == 0, y + np.random.default_rng(9).normal(0, 0.6, len(y)), y)  # perfect where seen
+    oof = pd.DataFrame({"sample_id": train["sample_id"], "log_pred": leaky, "fold": train["fold"]})
+    write_predictions(cfg.predictions_dir, "finetuned", oof,
+                      pd.DataFrame({"sample_id": test["sample_id"], "log_pred": np.zeros(len(test))}),
+                      {"oof_kind": "out_of_fold", "selection": "fixed", "encoder_unseen_folds": [0]})
+    main(cfg)
+    assert "on fold(s) [0] only" in capsys.readouterr().out
+    summary = json.loads((cfg.predictions_dir / "ensemble" / "ensemble.json").read_text())
+    fold0 = int((train["fold"] == 0).sum())
+    assert summary["rows_fitted"] == fold0 and summary["encoder_unseen_folds"] == [0]
+    # scored on fold 0 alone, the leaky model is no near-perfect model: its weight stays below the sharp one's
+    assert summary["model_oof_smape"]["finetuned"] > 10
+    assert summary["weights"]["sharp"] > summary["weights"]["finetuned"]
+    assert len(read_predictions(cfg.predictions_dir, "ensemble").oof) == fold0
