@@ -13,6 +13,8 @@ which, and any number of sources works. Fixed relative to the seed's code:
   overwrote its modality token).
 - modality_dropout draws the mask per sample, and never drops every source of a sample (the seed
   dropped a modality for the whole batch).
+- bi_cross_attention splits each source into several tokens, so its attention has several keys
+  (the seed's one image and one text vector gave one key: a softmax of 1, a linear map).
 """
 from __future__ import annotations
 
@@ -148,22 +150,45 @@ class CrossAttention(FusionBlock):
 
 
 class BiCrossAttention(FusionBlock):
-    """Seed 004: image attends to text, then text attends to the updated image; pooled and merged."""
+    """Seed 004: image attends to text, then text attends to the updated image; pooled and merged.
 
-    def __init__(self, dim, modalities, dropout=0.1, **kw):
-        super().__init__(dim, modalities, dropout)
-        self.image_to_text = nn.MultiheadAttention(dim, self.heads, dropout=dropout, batch_first=True)
-        self.text_to_image = nn.MultiheadAttention(dim, self.heads, dropout=dropout, batch_first=True)
-        self.norm_image, self.norm_text = nn.LayerNorm(dim), nn.LayerNorm(dim)
+    Each source vector is split into `n_tokens` tokens (with a learned per-source, per-position
+    embedding), as the hierarchical model does, so every query has several keys. The seed attended
+    from one image vector to one text vector: a single key, a softmax that is always 1, and a block
+    that is only a linear map. A setting that would leave one key per query is refused."""
+
+    def __init__(self, dim, modalities, dropout=0.1, heads: int = 4, n_tokens: int = 4, **kw):
+        super().__init__(dim, modalities, dropout, heads)
+        if n_tokens < 1 or dim % n_tokens:
+            raise ValueError(f"bi_cross_attention: width {dim} must be divisible by n_tokens={n_tokens}")
+        n_image, n_text = len(self.image_idx), len(self.other_idx)
+        if min(n_image, n_text) * n_tokens < 2:
+            raise ValueError(f"bi_cross_attention: with {n_image} image and {n_text} text source(s) and "
+                             f"n_tokens={n_tokens}, a query has one key and its attention weight is always 1; "
+                             f"set n_tokens >= 2")
+        self.n_tokens, token_dim = n_tokens, dim // n_tokens
+        token_heads = pick_heads(token_dim, heads)
+        self.token_embedding = nn.Parameter(torch.randn(self.n, n_tokens, token_dim) * 0.02)
+        self.image_to_text = nn.MultiheadAttention(token_dim, token_heads, dropout=dropout, batch_first=True)
+        self.text_to_image = nn.MultiheadAttention(token_dim, token_heads, dropout=dropout, batch_first=True)
+        self.norm_image, self.norm_text = nn.LayerNorm(token_dim), nn.LayerNorm(token_dim)
         self.merge = nn.Sequential(nn.Linear(2 * dim, dim), nn.GELU())
+        # when recorded: (image-to-text [B, image tokens, text tokens], text-to-image [B, text tokens, image tokens])
+        self.record_attention, self.last_attention = False, None
 
     def forward(self, tokens):
-        image, text = self.groups(tokens)
-        u, _ = self.image_to_text(image, text, text, need_weights=False)
+        b, s, d = tokens.shape
+        parts = tokens.view(b, s, self.n_tokens, d // self.n_tokens) + self.token_embedding.to(tokens.dtype)
+        image = parts.index_select(1, self.image_idx).flatten(1, 2)  # [B, image sources * n_tokens, d / n_tokens]
+        text = parts.index_select(1, self.other_idx).flatten(1, 2)
+        u, to_text = self.image_to_text(image, text, text, need_weights=self.record_attention)
         image = self.norm_image(image + u)
-        u, _ = self.text_to_image(text, image, image, need_weights=False)
+        u, to_image = self.text_to_image(text, image, image, need_weights=self.record_attention)
         text = self.norm_text(text + u)
-        return self.merge(torch.cat([image.mean(1), text.mean(1)], -1)), self.zero(tokens)
+        self.last_attention = (to_text, to_image) if self.record_attention else None
+        # tokens back to one vector per source, then the mean over each group's sources
+        image, text = image.reshape(b, -1, d).mean(1), text.reshape(b, -1, d).mean(1)
+        return self.merge(torch.cat([image, text], -1)), self.zero(tokens)
 
 
 class _SoftFusion(nn.Module):

@@ -1,7 +1,8 @@
 """Fusion regressors over cached embeddings. Both predict log1p(price) and return (pred, aux_loss).
 
 - `BlockFusionModel`: a branch per source, one block from `fusion.blocks`, an MLP head. The
-  `qwen_clip` baseline and the block comparison use it.
+  `qwen_clip` baseline and the block comparison use it. `bi_cross_attention` splits each source
+  into `n_tokens` tokens, like the hierarchical model.
 - `HierarchicalFusionModel` (`all_embeddings`, seeds 000/001): a branch per source, then
   image-image, text-text and image-text cross-attention, the feature-preserving concatenation and
   a mixture-of-experts head. Each branch output is split into several tokens (with a learned
@@ -158,9 +159,9 @@ def build_model(cfg, sources: list[SourceSpec]) -> nn.Module:
                                        use_advanced_model=cfg.use_advanced_model,
                                        load_balance_weight=cfg.load_balance_weight)
     if cfg.architecture == "block":
-        extra = {"load_balance_weight": cfg.load_balance_weight, "n_experts": cfg.n_experts} if cfg.block == "moe" else {}
-        if cfg.block == "energy_aware":
-            extra = {"energy_weight": cfg.energy_weight, "energy_budget": cfg.energy_budget}
+        extra = {"moe": {"load_balance_weight": cfg.load_balance_weight, "n_experts": cfg.n_experts},
+                 "energy_aware": {"energy_weight": cfg.energy_weight, "energy_budget": cfg.energy_budget},
+                 "bi_cross_attention": {"n_tokens": cfg.n_tokens}}.get(cfg.block, {})
         return BlockFusionModel(sources, block=cfg.block, hidden_dim=cfg.hidden_dim, dropout=cfg.dropout,
                                 heads=cfg.n_heads, **extra)
     raise ValueError(f"architecture must be 'hierarchical' or 'block', got {cfg.architecture!r}")

@@ -1,9 +1,11 @@
 """Each fusion block on one interface, and proof that the seed's defects are fixed."""
+from dataclasses import replace
+
 import pytest
 import torch
 
 from fusion.blocks import BLOCKS, build_block
-from fusion.models import HierarchicalFusionModel, SourceSpec
+from fusion.models import HierarchicalFusionModel, SourceSpec, build_model
 
 MODALITIES = ["image", "image", "text", "text"]
 
@@ -87,6 +89,34 @@ def test_cross_attention_weights_differ_between_samples():
     w = block.last_attention.squeeze(1)  # [B, keys]
     assert w.shape == (8, 4) and torch.allclose(w.sum(1), torch.ones(8))
     assert (w.std(0) > 1e-3).any()
+
+
+def test_bi_cross_attention_over_two_sources_has_several_keys_and_varies_by_sample():
+    # qwen_clip's two sources, one image vector and one text vector: the seed's block had one key per
+    # query there, so every attention weight was exactly 1
+    from fusion.qwen_clip.config import PROFILES
+
+    torch.manual_seed(9)
+    cfg = replace(PROFILES["tiny"], block="bi_cross_attention", n_tokens=8, dropout=0.0)
+    specs = [SourceSpec("clip_image", "image", 24), SourceSpec("qwen_text", "text", 19)]
+    model = build_model(cfg, specs).eval()
+    model.block.record_attention = True
+    x = [torch.randn(8, s.dim) for s in specs]
+    pred, _ = model(x, [torch.ones(8, dtype=torch.bool)] * 2)
+    assert pred.shape == (8,)
+    for w in model.block.last_attention:
+        assert w.shape == (8, 8, 8)  # n_tokens from the config: 8 queries over 8 keys, per sample
+        assert torch.allclose(w.sum(-1), torch.ones(8, 8))
+        assert w.max() < 0.999  # not the single-key softmax of 1
+        assert (w.std(0) > 1e-3).any()  # weights differ between samples
+
+
+def test_bi_cross_attention_refuses_a_single_key():
+    with pytest.raises(ValueError, match="one key"):
+        build_block("bi_cross_attention", 16, ["image", "text"], n_tokens=1)
+    build_block("bi_cross_attention", 16, ["image", "image", "text", "text"], n_tokens=1)  # two keys: allowed
+    with pytest.raises(ValueError, match="divisible"):
+        build_block("bi_cross_attention", 16, ["image", "text"], n_tokens=3)
 
 
 def test_hierarchical_attention_has_several_keys_and_varies_by_sample():
