@@ -1,20 +1,46 @@
-"""Run folders: one config per folder, refused when another config is already there."""
+"""Run folders: one config per folder, refused when another config is already there.
+
+A run owns its folder: a fresh start (resume=false, or no run there to resume) removes what an
+earlier run left, so its folds and outputs never mix into this run's."""
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 from core.config import ConfigError, same_settings, to_dict
 from core.io import read_json, write_json
 
 
-def claim_run_dir(run_dir: Path, cfg, write: bool = True) -> dict | None:
-    """Check `run_dir` against `cfg` and save `config.json`. Returns the finished run's metrics
-    when it is complete and `cfg.resume` (nothing left to do), else None."""
+def is_fresh_start(run_dir: Path, cfg) -> bool:
+    """Whether a run in `run_dir` starts from scratch: asked to (resume=false), or nothing there to resume."""
+    return not cfg.resume or not (Path(run_dir) / "config.json").exists()
+
+
+def clear_outputs(run_dir: Path, patterns) -> list[Path]:
+    """Remove every file or folder in `run_dir` matching one of the glob `patterns`; returns what went."""
+    removed = []
+    for pattern in patterns:
+        for path in sorted(Path(run_dir).glob(pattern)):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+            removed.append(path)
+    return removed
+
+
+def claim_run_dir(run_dir: Path, cfg, write: bool = True, outputs=()) -> dict | None:
+    """Check `run_dir` against `cfg` and save `config.json`. On a fresh start, first remove what
+    matches `outputs` (glob patterns inside `run_dir`, e.g. "fold_*", "metrics.json").
+    Returns the finished run's metrics when it is complete and `cfg.resume` (nothing left to
+    do), else None."""
     run_dir = Path(run_dir)
     config_path = run_dir / "config.json"
     if config_path.exists() and cfg.resume and not same_settings(read_json(config_path), to_dict(cfg)):
         raise ConfigError(f"{run_dir} holds a run with another config; pick a new run_name, or resume=false to replace it")
     if write:
+        if is_fresh_start(run_dir, cfg):
+            clear_outputs(run_dir, outputs)
         write_json(config_path, to_dict(cfg))
     done = run_dir / "metrics.json"
     if cfg.resume and done.exists() and read_json(done).get("complete"):

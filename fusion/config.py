@@ -13,6 +13,7 @@ class FusionConfig:
     data_dir: Path = Path("checkpoints/data")  # processed tables from data.prepare (the split lives here)
     embeddings_dir: Path = Path("checkpoints/embeddings")  # caches: embeddings_dir/<source>/<split>/
     out_dir: Path = Path("checkpoints/fusion")
+    predictions_dir: Path = Path("checkpoints/predictions")  # shared predictions (core.predictions): <dir>/<run_name>/
     sources: list[str] = field(default_factory=lambda: ["clip_image", "siglip_image", "siglip_text", "qwen_text"])
     # model: modality and width of each source come from its cache, never from here
     architecture: str = "hierarchical"  # hierarchical (all_embeddings) | block (one block from fusion.blocks)
@@ -42,6 +43,12 @@ class FusionConfig:
     early_stopping_patience: int = 30
     grad_clip: float = 1.0
     folds: str = "holdout"  # holdout: train on the other folds, validate on data's holdout fold; all: k-fold + out-of-fold predictions
+    # which rows judge the epochs (early stopping, LR plateau, best checkpoint). inner: a seeded slice of the
+    # training folds, so the scored fold is predicted once, at the end; scored_fold: the scored fold itself
+    # (optimistic: its score is a best-of-epochs on the rows it is scored on), kept for comparison
+    selection: str = "inner"
+    selection_fraction: float = 0.1  # inner: share of the training folds' rows held out to judge epochs
+    encoder_unseen_folds: list[int] | None = None  # folds no upstream encoder trained on; None: all (frozen encoders)
     seed: int = 42
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "auto"  # auto (bf16 on CUDA) | fp16 | fp32
@@ -51,5 +58,6 @@ class FusionConfig:
 def tiny_profile(cfg: FusionConfig, **changes) -> FusionConfig:
     """The demo and test profile of a model: the demo's folders, small widths, few epochs."""
     return replace(cfg, data_dir=Path("checkpoints/demo/data"), embeddings_dir=Path("checkpoints/demo/embeddings"),
-                   out_dir=Path("checkpoints/demo/fusion"), hidden_dim=64, n_heads=4, batch_size=128, epochs=60,
-                   early_stopping_patience=12, dropout=0.1, **changes)
+                   out_dir=Path("checkpoints/demo/fusion"), predictions_dir=Path("checkpoints/demo/predictions"),
+                   hidden_dim=64, n_heads=4, batch_size=128, epochs=60, early_stopping_patience=12, dropout=0.1,
+                   **changes)

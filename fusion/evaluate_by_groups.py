@@ -3,8 +3,10 @@
     python -m fusion.evaluate_by_groups model=all_embeddings
     python -m fusion.evaluate_by_groups model=qwen_clip profile=tiny
 
-Reads the run's fold_*/val_predictions.csv and history.csv and writes to out_dir/run_name/eval/:
-by_price_bin.csv, learning_curves.png, pred_vs_true.png, smape_by_bin.png.
+Reads val_predictions.csv and history.csv of the folds the run lists in its own metrics.json (each
+checked against the run's config.json; nothing else in the folder is read) and writes to
+out_dir/run_name/eval/: by_price_bin.csv, learning_curves.png (the SMAPE that judged each epoch),
+pred_vs_true.png, smape_by_bin.png.
 """
 from __future__ import annotations
 
@@ -17,17 +19,16 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from core.errors import PipelineError, run_cli  # noqa: E402
+from core.errors import run_cli  # noqa: E402
 from core.io import atomic_save  # noqa: E402
 from core.metrics import format_table, price_bin_report, smape  # noqa: E402
+from fusion.inference import run_folds  # noqa: E402
 from fusion.train import parse_cli  # noqa: E402
 
 
 def main(cfg) -> pd.DataFrame:
     run_dir = Path(cfg.out_dir) / cfg.run_name
-    fold_dirs = sorted(d for d in run_dir.glob("fold_*") if (d / "val_predictions.csv").exists())
-    if not fold_dirs:
-        raise PipelineError(f"no fold_*/val_predictions.csv in {run_dir}; train first")
+    fold_dirs = [f.dir for f in run_folds(run_dir)]
     preds = pd.concat([pd.read_csv(d / "val_predictions.csv") for d in fold_dirs])
     out = run_dir / "eval"
     out.mkdir(parents=True, exist_ok=True)
@@ -37,8 +38,8 @@ def main(cfg) -> pd.DataFrame:
     fig, ax = plt.subplots(figsize=(6, 4))
     for d in fold_dirs:
         history = pd.read_csv(d / "history.csv")
-        ax.plot(history["epoch"], history["val_smape"], label=f"{d.name} val SMAPE")
-    ax.set_xlabel("epoch"), ax.set_ylabel("validation SMAPE (%)"), ax.legend(), ax.set_title(cfg.run_name)
+        ax.plot(history["epoch"], history["select_smape"], label=f"{d.name}")
+    ax.set_xlabel("epoch"), ax.set_ylabel("SMAPE on the epoch-selection rows (%)"), ax.legend(), ax.set_title(cfg.run_name)
     fig.tight_layout(), fig.savefig(out / "learning_curves.png", dpi=100), plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(5, 5))

@@ -1,12 +1,15 @@
-"""Predict test prices with a trained fusion run and write a checked submission.
+"""Predict test prices with a trained fusion run, write a checked submission and the run's shared predictions.
 
     python -m fusion.predict_test model=all_embeddings                  # -> checkpoints/fusion/all_embeddings/test_out.csv
     python -m fusion.predict_test model=all_embeddings output=test_out.csv
     python -m fusion.predict_test model=qwen_clip profile=tiny
 
-Uses every fold's best.pt in the run folder (one for a holdout run; k for `folds=all`, averaged in
-log space). Predictions are floored at the smallest training price, never clamped to 0. The file
-is written only if it passes the submission check against the test CSV.
+Uses the folds the run lists in its own metrics.json (one for a holdout run; k for `folds=all`,
+averaged in log space), each checked against the run's config.json; nothing else in the folder is
+read. Predictions are floored at the smallest training price, never clamped to 0. The file is
+written only if it passes the submission check against the test CSV. Also writes
+predictions_dir/run_name/ (core.predictions): the scored folds' rows (every train row for
+`folds=all`, the holdout rows otherwise) and the test rows, as log1p(price).
 """
 from __future__ import annotations
 
@@ -14,42 +17,81 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 
+from core.config import from_dict
 from core.errors import PipelineError, run_cli
 from core.io import read_json
 from core.metrics import prices_from_log
+from core.predictions import write_predictions
 from core.runtime import amp_dtype, pick_device, setup_logging
 from core.submission import write_submission
-from core.tables import META_FILE, load_table
-from fusion.train import load_checkpoint, load_inputs, parse_cli, predict_log
+from core.tables import META_FILE, load_table, n_folds
+from fusion.config import FusionConfig
+from fusion.inference import load_inputs, model_from_checkpoint, predict_log, run_config, run_folds
+from fusion.train import parse_cli, selection_sentence
+
+
+def out_of_fold(run_folds_, run_cfg: FusionConfig, data_dir: Path) -> tuple[pd.DataFrame, str]:
+    """(sample_id, log_pred, fold) of every scored row, and its oof_kind. A k-fold run must cover every train row."""
+    parts = []
+    for f in run_folds_:
+        preds = pd.read_csv(f.dir / "val_predictions.csv", dtype={"sample_id": str})
+        log_pred = preds["log_pred"] if "log_pred" in preds else np.log1p(preds["pred"])
+        parts.append(pd.DataFrame({"sample_id": preds["sample_id"], "log_pred": log_pred, "fold": f.fold}))
+    oof = pd.concat(parts, ignore_index=True)
+    if run_cfg.folds != "all":
+        return oof, "holdout"
+    train_ids = set(load_table(data_dir, "train")["sample_id"].astype(str))
+    missing = train_ids.difference(oof["sample_id"])
+    if missing or len(oof) != len(train_ids):
+        raise PipelineError(f"{run_cfg.run_name}: the k-fold predictions do not cover the train table once per row "
+                            f"({len(missing)} train rows missing, {len(oof)} rows for {len(train_ids)} ids)")
+    return oof, "out_of_fold"
 
 
 def main(cfg, output: Path | None = None) -> Path:
     run_dir = Path(cfg.out_dir) / cfg.run_name
     log = setup_logging("fusion.predict_test", run_dir)
-    checkpoints = sorted(run_dir.glob("fold_*/best.pt"))
-    if not checkpoints:
-        raise PipelineError(f"no fold_*/best.pt in {run_dir}; train first: python -m fusion.train run_name={cfg.run_name}")
+    run_cfg = from_dict(FusionConfig, run_config(run_dir))
     device = pick_device(cfg.device)
+    folds = run_folds(run_dir, device)
     table = load_table(cfg.data_dir, "test")
-    inputs = load_inputs(cfg, "test", table["sample_id"].tolist(), device)
     idx = torch.arange(len(table), device=device)
-    logs, floors = [], []
-    for path in checkpoints:
-        model, ckpt = load_checkpoint(path, device)
-        if [s["name"] for s in ckpt["sources"]] != [s.name for s in inputs.specs] or \
-                [s["dim"] for s in ckpt["sources"]] != [s.dim for s in inputs.specs]:
-            raise PipelineError(f"{path} was trained on sources {ckpt['sources']}, but the test caches are {inputs.specs}")
+    inputs_by_sources, logs = {}, []
+    for f in folds:
+        names = tuple(s["name"] for s in f.checkpoint["sources"])
+        if names not in inputs_by_sources:
+            inputs_by_sources[names] = load_inputs(cfg, "test", table["sample_id"].tolist(), device, list(names))
+        inputs = inputs_by_sources[names]
+        if [s["dim"] for s in f.checkpoint["sources"]] != [s.dim for s in inputs.specs]:
+            raise PipelineError(f"{f.dir / 'best.pt'} was trained on sources {f.checkpoint['sources']}, "
+                                f"but the test caches are {inputs.specs}")
+        model = model_from_checkpoint(f.checkpoint, device)
         logs.append(predict_log(model, inputs, idx, 4096, device, amp_dtype(device, cfg.precision)))
-        floors.append(ckpt["price_floor"])
-    prices = prices_from_log(np.mean(logs, 0), min(floors))
+    test_log = np.mean(logs, 0)
+    prices = prices_from_log(test_log, min(f.checkpoint["price_floor"] for f in folds))
     raw_test = Path(read_json(Path(cfg.data_dir) / META_FILE)["config"]["raw_dir"]) / "test.csv"
     output = Path(output) if output else run_dir / "test_out.csv"
     write_submission(output, table["sample_id"], prices, test_csv=raw_test if raw_test.exists() else None,
                      test_ids=None if raw_test.exists() else table["sample_id"].tolist())
-    log.info("wrote %s: %d rows from %d model(s), prices %.2f to %.2f (median %.2f)", output, len(prices),
-             len(checkpoints), prices.min(), prices.max(), np.median(prices))
+    log.info("wrote %s: %d rows from %d model(s) (folds %s), prices %.2f to %.2f (median %.2f)", output, len(prices),
+             len(folds), [f.fold for f in folds], prices.min(), prices.max(), np.median(prices))
+
+    oof, oof_kind = out_of_fold(folds, run_cfg, cfg.data_dir)
+    unseen = run_cfg.encoder_unseen_folds
+    meta = {"oof_kind": oof_kind, "config": run_config(run_dir), "folds": [f.fold for f in folds],
+            "val_smape_per_fold": {str(f.fold): f.metrics["val_smape"] for f in folds},
+            "selection": selection_sentence(run_cfg),
+            "sources": [s["name"] for s in folds[0].checkpoint["sources"]],
+            "encoder_unseen_folds": list(range(n_folds(cfg.data_dir))) if unseen is None else list(unseen)}
+    loads = {str(f.fold): f.metrics["expert_load"] for f in folds if f.metrics.get("expert_load") is not None}
+    if loads:
+        meta["expert_load"] = loads  # mean gate load per expert, each fold's model on its scored rows
+    test = pd.DataFrame({"sample_id": table["sample_id"].astype(str), "log_pred": test_log})
+    where = write_predictions(cfg.predictions_dir, cfg.run_name, oof, test, meta)
+    log.info("wrote %s (%s: %d train rows, %d test rows)", where, oof_kind, len(oof), len(test))
     return output
 
 

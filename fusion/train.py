@@ -6,37 +6,46 @@
 
 `model=` picks the model's config.py (fusion/<model>/config.py); other tokens override its
 fields. The split is the data stage's `fold` column: `folds=holdout` trains on the other folds and
-validates on the holdout fold; `folds=all` trains one model per fold and writes out-of-fold
-predictions for every training row. Embeddings are kept as tensors on the device and batches are
-indexed directly. The run folder out_dir/run_name holds config.json, and per fold best.pt (+ best.json),
-last.pt (resume), history.csv, metrics.json and val_predictions.csv.
+scores the holdout fold; `folds=all` trains one model per fold and writes out-of-fold
+predictions for every training row. With `selection=inner` (the default) the epochs (early
+stopping, LR plateau, best checkpoint) are judged on a seeded slice of the training folds and the
+scored fold is predicted once, at the end; `selection=scored_fold` judges them on the scored fold
+itself (optimistic). Sources whose cache was skipped are left out with a log line. Embeddings are
+kept as tensors on the device and batches are indexed directly. The run folder out_dir/run_name
+holds config.json, metrics.json (the folds this run trained) and per fold best.pt (+ best.json),
+last.pt (resume), history.csv, metrics.json and val_predictions.csv; a fresh start (resume=false,
+or nothing to resume) first clears what an earlier run left there.
 """
 from __future__ import annotations
 
 import importlib
 import math
+import shutil
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
-from core.config import ConfigError, same_settings, from_dict, parse_args, to_dict
-from core.embedding_cache import load_embeddings
+from core.config import ConfigError, same_settings, parse_args, to_dict
 from core.errors import run_cli
 from core.io import atomic_save, read_json, write_json
-from core.metrics import format_table, price_bin_report, prices_from_log, smape
-from core.runs import claim_run_dir
-from core.runtime import amp_dtype, autocast, pick_device, progress, seed_everything, setup_logging
-from core.tables import holdout_fold, load_table, n_folds
-from fusion.config import FusionConfig
 from core.losses import get_loss, l1_log_loss
-from fusion.models import SourceSpec, build_model, count_parameters, specs_to_dicts
+from core.metrics import format_table, price_bin_report, prices_from_log, smape
+from core.runs import claim_run_dir, is_fresh_start
+from core.runtime import amp_dtype, autocast, pick_device, progress, seed_everything, setup_logging
+from core.tables import encoder_rows, holdout_fold, load_table, n_folds
+from fusion.config import FusionConfig
+from fusion.inference import (FusionInputs, available_sources, expert_load, load_checkpoint, load_inputs,
+                              predict_log, predict_with_load)
+from fusion.models import build_model, count_parameters, specs_to_dicts
 
 MODELS = ("all_embeddings", "qwen_clip")
+SELECTIONS = ("inner", "scored_fold")
+# what a run writes in its folder; a fresh start removes these before training
+RUN_OUTPUTS = ("fold_*", "metrics.json", "oof_predictions.csv", "test_out.csv", "eval")
 
 
 def model_profiles(model: str) -> dict:
@@ -58,56 +67,31 @@ def parse_cli(argv: list[str] | None = None) -> FusionConfig:
     return parse_args(FusionConfig, argv, profiles)
 
 
-@dataclass
-class FusionInputs:
-    """Every source for one split, aligned to `sample_ids`, as tensors on the device."""
-    sample_ids: list[str]
-    specs: list[SourceSpec]
-    values: list[torch.Tensor]
-    present: list[torch.Tensor]
-
-    def batch(self, idx):
-        return [v[idx] for v in self.values], [p[idx] for p in self.present]
+def selection_rows(cfg: FusionConfig, table: pd.DataFrame, fold: int) -> tuple[np.ndarray, np.ndarray]:
+    """(fit, select) boolean masks for scoring `fold`: the model trains on `fit`, and `select` judges
+    its epochs. inner: `select` is a seeded slice of the other folds, so no scored row chooses an epoch."""
+    if cfg.selection == "inner":
+        return encoder_rows(table, fold, cfg.selection_fraction, seed=cfg.seed + fold)
+    scored = table["fold"].to_numpy() == fold
+    return ~scored, scored
 
 
-def load_inputs(cfg: FusionConfig, split: str, sample_ids, device) -> FusionInputs:
-    specs, values, present = [], [], []
-    for name in cfg.sources:
-        cached = load_embeddings(cfg.embeddings_dir, name, split, sample_ids)
-        specs.append(SourceSpec(name=name, modality=cached.meta["modality"], dim=cached.dim))
-        values.append(torch.from_numpy(cached.values).to(device))
-        present.append(torch.from_numpy(cached.present).to(device))
-    return FusionInputs(list(map(str, sample_ids)), specs, values, present)
+def selection_sentence(cfg: FusionConfig) -> str:
+    """How each fold chose its checkpoint, for metrics and the predictions' meta."""
+    if cfg.selection == "scored_fold":
+        return ("best epoch on the scored fold: optimistic (early stopping, LR plateau and the checkpoint were "
+                "judged on the rows the fold is scored on)")
+    return (f"best epoch on a seeded {cfg.selection_fraction:.0%} slice of the training folds (early stopping, "
+            "LR plateau, checkpoint); the scored fold was predicted once, with that checkpoint")
 
 
-@torch.no_grad()
-def predict_log(model, inputs: FusionInputs, idx: torch.Tensor, batch_size: int, device, dtype) -> np.ndarray:
-    model.eval()
-    out = []
-    for start in range(0, len(idx), max(batch_size, 1024)):
-        xb, mb = inputs.batch(idx[start:start + max(batch_size, 1024)])
-        with autocast(device, dtype):
-            pred, _ = model(xb, mb)
-        out.append(pred.float().cpu())
-    return torch.cat(out).numpy() if out else np.zeros(0, np.float32)
-
-
-def expert_load(model) -> list[float] | None:
-    for module in model.modules():
-        load = getattr(module, "last_load", None)
-        if load is not None:
-            return [round(float(x), 4) for x in load]
-    return None
-
-
-def load_checkpoint(path: Path, device="cpu"):
-    """(model, checkpoint dict) for a saved best.pt."""
-    ckpt = torch.load(path, map_location=device, weights_only=False)
-    cfg = from_dict(FusionConfig, ckpt["config"])
-    model = build_model(cfg, [SourceSpec(**s) for s in ckpt["sources"]]).to(device)
-    model.load_state_dict(ckpt["model"])
-    model.eval()
-    return model, ckpt
+def check_config(cfg: FusionConfig) -> None:
+    if cfg.folds not in ("holdout", "all"):
+        raise ConfigError(f"folds must be 'holdout' or 'all', got {cfg.folds!r}")
+    if cfg.selection not in SELECTIONS:
+        raise ConfigError(f"selection must be one of {', '.join(SELECTIONS)}, got {cfg.selection!r}")
+    if cfg.selection == "inner" and not 0 < cfg.selection_fraction < 1:
+        raise ConfigError(f"selection_fraction must be between 0 and 1, got {cfg.selection_fraction}")
 
 
 def train_fold(cfg: FusionConfig, fold: int, table: pd.DataFrame, inputs: FusionInputs, run_dir: Path, device, log):
@@ -120,11 +104,14 @@ def train_fold(cfg: FusionConfig, fold: int, table: pd.DataFrame, inputs: Fusion
     seed_everything(cfg.seed + fold)
     dtype = amp_dtype(device, cfg.precision)
     is_val = table["fold"].to_numpy() == fold
-    train_idx = torch.from_numpy(np.flatnonzero(~is_val)).to(device)
+    fit, select = selection_rows(cfg, table, fold)
+    train_idx = torch.from_numpy(np.flatnonzero(fit)).to(device)
+    select_idx = torch.from_numpy(np.flatnonzero(select)).to(device)
     val_idx = torch.from_numpy(np.flatnonzero(is_val)).to(device)
     y = torch.tensor(table["log_price"].to_numpy(), dtype=torch.float32, device=device)
-    y_val_price = table["price"].to_numpy()[is_val]
-    price_floor = float(table["price"].to_numpy()[~is_val].min())
+    prices = table["price"].to_numpy()
+    y_val_price, y_select_price = prices[is_val], prices[select]
+    price_floor = float(prices[~is_val].min())
 
     model = build_model(cfg, inputs.specs).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -143,9 +130,11 @@ def train_fold(cfg: FusionConfig, fold: int, table: pd.DataFrame, inputs: Fusion
         start_epoch, best, best_epoch = state["epoch"] + 1, state["best"], state["best_epoch"]
         bad_epochs, history = state["bad_epochs"], state["history"]
         torch.set_rng_state(state["rng"])
-        log.info("fold %d: resumed at epoch %d (best val SMAPE %.3f at epoch %d)", fold, start_epoch, best, best_epoch)
-    log.info("fold %d: %d train / %d val rows, %s parameters, device %s, amp %s", fold, len(train_idx), len(val_idx),
-             f"{count_parameters(model):,}", device, dtype)
+        log.info("fold %d: resumed at epoch %d (best selection SMAPE %.3f at epoch %d)", fold, start_epoch, best,
+                 best_epoch)
+    log.info("fold %d: %d train / %d selection / %d scored rows (selection=%s), %s parameters, device %s, amp %s",
+             fold, len(train_idx), len(select_idx), len(val_idx), cfg.selection, f"{count_parameters(model):,}",
+             device, dtype)
 
     for epoch in range(start_epoch, cfg.epochs):
         if bad_epochs >= cfg.early_stopping_patience:
@@ -174,25 +163,26 @@ def train_fold(cfg: FusionConfig, fold: int, table: pd.DataFrame, inputs: Fusion
                 loads.append(load)
         if not math.isfinite(total):
             raise FloatingPointError(f"fold {fold} epoch {epoch}: loss is not finite; lower lr or check the embeddings for NaN")
-        val_pred = prices_from_log(predict_log(model, inputs, val_idx, cfg.batch_size, device, dtype), price_floor)
-        val_smape = smape(y_val_price, val_pred)
-        scheduler.step(val_smape)
+        select_pred = prices_from_log(predict_log(model, inputs, select_idx, cfg.batch_size, device, dtype), price_floor)
+        select_smape = smape(y_select_price, select_pred)
+        scheduler.step(select_smape)
         row = {"epoch": epoch, "train_loss": total / max(count, 1), "loss": "l1_warmup" if use_l1 else cfg.loss,
-               "val_smape": val_smape, "lr": optimizer.param_groups[0]["lr"], "seconds": time.time() - t0}
+               "select_smape": select_smape, "lr": optimizer.param_groups[0]["lr"], "seconds": time.time() - t0}
         if loads:
             row["expert_load"] = str(np.mean(loads, 0).round(3).tolist())
         history.append(row)
-        improved = val_smape < best
+        improved = select_smape < best
         if improved:
-            best, best_epoch, bad_epochs = val_smape, epoch, 0
+            best, best_epoch, bad_epochs = select_smape, epoch, 0
             ckpt = {"model": model.state_dict(), "config": to_dict(cfg), "sources": specs_to_dicts(inputs.specs),
-                    "epoch": epoch, "val_smape": val_smape, "price_floor": price_floor, "fold": fold}
+                    "epoch": epoch, "select_smape": select_smape, "selection": cfg.selection,
+                    "price_floor": price_floor, "fold": fold}
             atomic_save(lambda tmp: torch.save(ckpt, tmp), fold_dir / "best.pt")
             write_json(fold_dir / "best.json", {k: v for k, v in ckpt.items() if k != "model"})
         else:
             bad_epochs += 1
-        log.info("fold %d epoch %3d  loss %.4f  val SMAPE %.3f%s  lr %.2e  %.1fs%s", fold, epoch, row["train_loss"],
-                 val_smape, " *" if improved else "", row["lr"], row["seconds"],
+        log.info("fold %d epoch %3d  loss %.4f  selection SMAPE %.3f%s  lr %.2e  %.1fs%s", fold, epoch,
+                 row["train_loss"], select_smape, " *" if improved else "", row["lr"], row["seconds"],
                  f"  expert load {row['expert_load']}" if loads else "")
         state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                  "epoch": epoch, "best": best, "best_epoch": best_epoch, "bad_epochs": bad_epochs, "history": history,
@@ -200,53 +190,70 @@ def train_fold(cfg: FusionConfig, fold: int, table: pd.DataFrame, inputs: Fusion
         atomic_save(lambda tmp: torch.save(state, tmp), last_path)
         atomic_save(lambda tmp: pd.DataFrame(history).to_csv(tmp, index=False), fold_dir / "history.csv")
 
+    # the scored fold is predicted once, with the chosen checkpoint
     model, _ = load_checkpoint(fold_dir / "best.pt", device)
-    val_pred = prices_from_log(predict_log(model, inputs, val_idx, cfg.batch_size, device, dtype), price_floor)
+    val_log, val_load = predict_with_load(model, inputs, val_idx, cfg.batch_size, device, dtype)
+    val_pred = prices_from_log(val_log, price_floor)
     val_ids = table["sample_id"].to_numpy()[is_val]
-    predictions = pd.DataFrame({"sample_id": val_ids, "fold": fold, "price": y_val_price, "pred": val_pred})
+    predictions = pd.DataFrame({"sample_id": val_ids, "fold": fold, "price": y_val_price, "pred": val_pred,
+                                "log_pred": val_log})
     atomic_save(lambda tmp: predictions.to_csv(tmp, index=False), fold_dir / "val_predictions.csv")
     report = price_bin_report(y_val_price, val_pred)
-    log.info("fold %d best epoch %d, validation by price bin:\n%s", fold, best_epoch, format_table(report))
+    log.info("fold %d best epoch %d, scored fold by price bin:\n%s", fold, best_epoch, format_table(report))
     metrics = {"fold": fold, "val_smape": smape(y_val_price, val_pred), "best_epoch": best_epoch,
-               "epochs_run": len(history), "parameters": count_parameters(model), "price_floor": price_floor,
+               "best_select_smape": best, "selection": cfg.selection, "selection_rows": int(select.sum()),
+               "train_rows": int(fit.sum()), "epochs_run": len(history), "parameters": count_parameters(model),
+               "price_floor": price_floor, "expert_load": val_load,
                "by_price_bin": report.to_dict(orient="records"), "complete": True}
     write_json(metrics_path, metrics)
     return metrics
 
 
+def clear_predictions(cfg: FusionConfig, log) -> None:
+    """A fresh run's shared predictions come from this run only: drop those an earlier run wrote."""
+    folder = Path(cfg.predictions_dir) / cfg.run_name
+    if (folder / "meta.json").exists():
+        log.info("fresh run: removing the earlier run's predictions in %s", folder)
+        shutil.rmtree(folder)
+
+
 def main(cfg: FusionConfig) -> dict:
+    check_config(cfg)
     run_dir = Path(cfg.out_dir) / cfg.run_name
     log = setup_logging("fusion.train", run_dir)
-    claim_run_dir(run_dir, cfg)  # a finished run still reloads: its folds are skipped one by one
+    sources = available_sources(cfg, log)  # before the folder is claimed: no source left is an error that changes nothing
+    fresh = is_fresh_start(run_dir, cfg)
+    # a finished run still reloads: its folds are skipped one by one
+    claim_run_dir(run_dir, cfg, outputs=RUN_OUTPUTS)
+    if fresh:
+        clear_predictions(cfg, log)
     device = pick_device(cfg.device)
     table = load_table(cfg.data_dir, "train")
-    inputs = load_inputs(cfg, "train", table["sample_id"].tolist(), device)
+    inputs = load_inputs(cfg, "train", table["sample_id"].tolist(), device, sources)
     log.info("sources: %s", ", ".join(f"{s.name} ({s.modality}, {s.dim})" for s in inputs.specs))
-    if cfg.folds == "holdout":
-        folds = [holdout_fold(cfg.data_dir)]
-    elif cfg.folds == "all":
-        folds = list(range(n_folds(cfg.data_dir)))
-        log.warning("folds=all: the encoders were fine-tuned on every fold but %d, so only fold %d's score is "
-                    "free of rows they saw; the other folds' scores and out-of-fold predictions are optimistic",
-                    holdout_fold(cfg.data_dir), holdout_fold(cfg.data_dir))
-    else:
-        raise ConfigError(f"folds must be 'holdout' or 'all', got {cfg.folds!r}")
+    all_folds = list(range(n_folds(cfg.data_dir)))
+    folds = [holdout_fold(cfg.data_dir)] if cfg.folds == "holdout" else all_folds
+    unseen = all_folds if cfg.encoder_unseen_folds is None else list(cfg.encoder_unseen_folds)
+    seen = [k for k in folds if k not in unseen]
+    if seen:
+        log.warning("upstream encoders trained on rows of fold(s) %s, so their scores and out-of-fold predictions "
+                    "are optimistic; only fold(s) %s are free of rows they saw", seen, unseen)
     t0 = time.time()
     per_fold = [train_fold(cfg, k, table, inputs, run_dir, device, log) for k in folds]
     scores = [m["val_smape"] for m in per_fold]
     summary = {"model": cfg.run_name, "folds": folds, "val_smape_per_fold": scores,
                "val_smape_mean": float(np.mean(scores)), "val_smape_std": float(np.std(scores)),
-               "parameters": per_fold[0]["parameters"], "train_seconds": time.time() - t0, "complete": True,
-               # the one fold the fine-tuned encoders never trained on
-               "encoder_unseen_fold": holdout_fold(cfg.data_dir)}
+               "parameters": per_fold[0]["parameters"], "train_seconds": time.time() - t0,
+               "sources": [s.name for s in inputs.specs], "selection": cfg.selection,
+               "selection_note": selection_sentence(cfg), "encoder_unseen_folds": unseen, "complete": True}
     if cfg.folds == "all":
         oof = pd.concat([pd.read_csv(run_dir / f"fold_{k}" / "val_predictions.csv", dtype={"sample_id": str}) for k in folds])
         oof = oof.set_index("sample_id").loc[table["sample_id"].astype(str)].reset_index()
         atomic_save(lambda tmp: oof.to_csv(tmp, index=False), run_dir / "oof_predictions.csv")
         summary["oof_smape"] = smape(oof["price"], oof["pred"])
     write_json(run_dir / "metrics.json", summary)
-    log.info("validation SMAPE %.3f (std %.3f over %d fold(s)); run folder %s", summary["val_smape_mean"],
-             summary["val_smape_std"], len(folds), run_dir)
+    log.info("scored-fold SMAPE %.3f (std %.3f over %d fold(s)), epochs chosen by %s; run folder %s",
+             summary["val_smape_mean"], summary["val_smape_std"], len(folds), cfg.selection, run_dir)
     return summary
 
 

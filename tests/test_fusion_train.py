@@ -1,4 +1,7 @@
-"""The one fusion trainer on planted-signal caches: learning, reload, resume, k-fold, predict, compare."""
+"""The one fusion trainer on planted-signal caches: learning, reload, resume, k-fold, predict, compare;
+a run owns its folder, epochs are chosen off the scored fold, predictions in the shared format,
+skipped sources are left out."""
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -8,10 +11,13 @@ import pandas as pd
 import pytest
 import torch
 
+from core.embedding_cache import mark_source_skipped
+from core.io import read_json
 from core.metrics import prices_from_log, smape
+from core.predictions import read_predictions
 from core.submission import check_submission
 from core.tables import load_table
-from fusion import compare, evaluate_by_groups, predict_test, train
+from fusion import compare, evaluate_by_groups, inference, predict_test, train
 from fusion.blocks import BLOCKS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -19,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def cli(planted, out, *extra):
     return [f"data_dir={planted / 'data'}", f"embeddings_dir={planted / 'embeddings'}", f"out_dir={out}",
-            "sources=img,txt,noise", "profile=tiny", *extra]
+            f"predictions_dir={out}/predictions", "sources=img,txt,noise", "profile=tiny", *extra]
 
 
 def constant_median_smape(planted):
@@ -52,14 +58,15 @@ def test_reloaded_checkpoint_predicts_identically(planted, trained):
     cfg, _ = trained
     fold_dir = Path(cfg.out_dir) / cfg.run_name / "fold_0"
     saved = pd.read_csv(fold_dir / "val_predictions.csv", dtype={"sample_id": str})
-    model, ckpt = train.load_checkpoint(fold_dir / "best.pt")
+    model, ckpt = inference.load_checkpoint(fold_dir / "best.pt")
     table = load_table(cfg.data_dir, "train")
-    inputs = train.load_inputs(cfg, "train", saved["sample_id"].tolist(), torch.device("cpu"))
-    log_pred = train.predict_log(model, inputs, torch.arange(len(saved)), 256, torch.device("cpu"), None)
+    inputs = inference.load_inputs(cfg, "train", saved["sample_id"].tolist(), torch.device("cpu"))
+    log_pred = inference.predict_log(model, inputs, torch.arange(len(saved)), 256, torch.device("cpu"), None)
     np.testing.assert_allclose(prices_from_log(log_pred, ckpt["price_floor"]), saved["pred"], rtol=1e-6)
+    np.testing.assert_allclose(log_pred, saved["log_pred"], rtol=1e-6)
     assert ckpt["price_floor"] == table.loc[table["fold"] != 0, "price"].min()
     history = pd.read_csv(fold_dir / "history.csv")
-    assert history["val_smape"].min() == pytest.approx(ckpt["val_smape"])
+    assert history["select_smape"].min() == pytest.approx(ckpt["select_smape"])
     assert history["loss"].iloc[0] == "l1_warmup" and history["loss"].iloc[-1] == "weighted_smape"
     assert history["expert_load"].notna().all()  # the MoE head's load is logged each epoch
 
@@ -68,6 +75,9 @@ def test_predict_test_writes_a_checked_submission_that_beats_the_baseline(plante
     cfg, _ = trained
     out = predict_test.main(cfg, tmp_path / "test_out.csv")
     assert check_submission(out, planted / "raw" / "test.csv") == []
+    meta = read_predictions(cfg.predictions_dir, cfg.run_name).meta
+    load = meta["expert_load"]["0"]  # the MoE head's mean gate load on the scored fold
+    assert len(load) == cfg.n_experts and sum(load) == pytest.approx(1.0, abs=1e-3)
     pred = pd.read_csv(out, dtype={"sample_id": str}).set_index("sample_id")["price"]
     labels = pd.read_csv(planted / "raw" / "test_labels.csv", dtype={"sample_id": str}).set_index("sample_id")["price"]
     train_median = load_table(planted / "data", "train")["price"].median()
@@ -96,21 +106,141 @@ def test_interrupted_training_resumes_to_the_same_history(planted, tmp_path, int
     train.main(train.parse_cli(args_b))
     resumed = pd.read_csv(tmp_path / "b/qwen_clip/fold_0/history.csv")
     np.testing.assert_allclose(resumed["train_loss"], reference["train_loss"], rtol=1e-6)
-    np.testing.assert_allclose(resumed["val_smape"], reference["val_smape"], rtol=1e-6)
+    np.testing.assert_allclose(resumed["select_smape"], reference["select_smape"], rtol=1e-6)
     with pytest.raises(train.ConfigError, match="another config"):
         train.main(train.parse_cli(args_b[:-1] + ["l1_warmup_epochs=1"]))
 
 
-def test_kfold_writes_out_of_fold_predictions_and_predict_averages_folds(planted, tmp_path):
-    cfg = train.parse_cli(["model=qwen_clip", *cli(planted, tmp_path, "folds=all", "epochs=4")])
+@pytest.fixture(scope="module")
+def kfold(planted, tmp_path_factory):
+    """A folds=all qwen_clip run, already predicted; tests that change its folder work on a copy."""
+    out = tmp_path_factory.mktemp("kfold")
+    cfg = train.parse_cli(["model=qwen_clip", *cli(planted, out, "folds=all", "epochs=4")])
     summary = train.main(cfg)
+    submission = predict_test.main(cfg, out / "sub.csv")
+    return cfg, summary, submission
+
+
+def test_kfold_writes_out_of_fold_predictions_and_predict_averages_folds(planted, kfold):
+    cfg, summary, out = kfold
     assert summary["folds"] == [0, 1, 2, 3, 4] and len(summary["val_smape_per_fold"]) == 5
-    oof = pd.read_csv(tmp_path / "qwen_clip" / "oof_predictions.csv", dtype={"sample_id": str})
+    oof = pd.read_csv(Path(cfg.out_dir) / "qwen_clip" / "oof_predictions.csv", dtype={"sample_id": str})
     table = load_table(planted / "data", "train")
     assert oof["sample_id"].tolist() == table["sample_id"].tolist()
     assert (oof["fold"].to_numpy() == table["fold"].to_numpy()).all() and (oof["pred"] > 0).all()
+    assert check_submission(out, planted / "raw" / "test.csv") == []
+
+
+def test_kfold_predictions_in_the_shared_format(planted, kfold):
+    cfg, summary, submission = kfold
+    preds = read_predictions(cfg.predictions_dir, "qwen_clip")
+    table = load_table(planted / "data", "train")
+    assert preds.meta["oof_kind"] == "out_of_fold" and preds.meta["folds"] == [0, 1, 2, 3, 4]
+    oof = preds.oof.set_index("sample_id").loc[table["sample_id"].astype(str)]
+    assert (oof["fold"].to_numpy() == table["fold"].to_numpy()).all()  # every train row, from its own fold
+    csv = pd.read_csv(Path(cfg.out_dir) / "qwen_clip" / "oof_predictions.csv", dtype={"sample_id": str})
+    np.testing.assert_allclose(oof["log_pred"], csv["log_pred"], rtol=1e-6)
+    np.testing.assert_allclose(prices_from_log(oof["log_pred"], table["price"].min()), csv["pred"], rtol=1e-5)
+    # test: the fold models' mean in log space, the same numbers as the submission
+    sub = pd.read_csv(submission, dtype={"sample_id": str}).set_index("sample_id")["price"]
+    test = preds.test.set_index("sample_id")["log_pred"].loc[sub.index]
+    floor = min(read_json(Path(cfg.out_dir) / "qwen_clip" / f"fold_{k}" / "metrics.json")["price_floor"] for k in range(5))
+    np.testing.assert_allclose(prices_from_log(test, floor), sub, rtol=1e-5)
+    assert preds.meta["val_smape_per_fold"] == {str(k): pytest.approx(v) for k, v in enumerate(summary["val_smape_per_fold"])}
+    assert preds.meta["selection"].startswith("best epoch on a seeded 10% slice of the training folds")
+    assert preds.meta["encoder_unseen_folds"] == [0, 1, 2, 3, 4]  # None: frozen encoders saw no fold
+    assert preds.meta["config"]["folds"] == "all" and "expert_load" not in preds.meta  # concat_mlp has no experts
+
+
+def test_a_fresh_run_owns_its_folder_and_prediction_reads_only_its_folds(planted, kfold, tmp_path):
+    cfg, _, _ = kfold
+    shutil.copytree(Path(cfg.out_dir) / "qwen_clip", tmp_path / "qwen_clip")
+    shutil.copytree(Path(cfg.predictions_dir) / "qwen_clip", tmp_path / "predictions" / "qwen_clip")
+    holdout = train.parse_cli(["model=qwen_clip", *cli(planted, tmp_path, "folds=holdout", "epochs=3", "resume=false")])
+    assert train.main(holdout)["folds"] == [0]
+    run_dir = tmp_path / "qwen_clip"
+    assert sorted(p.name for p in run_dir.glob("fold_*")) == ["fold_0"]  # the k-fold run's other folds are gone
+    assert not (run_dir / "oof_predictions.csv").exists() and not (tmp_path / "predictions" / "qwen_clip").exists()
+
+    # a stale fold planted in the folder: reading it would crash or change the average
+    shutil.copytree(run_dir / "fold_0", run_dir / "fold_3")
+    (run_dir / "fold_3" / "best.pt").write_bytes(b"not a checkpoint")
+    (run_dir / "fold_3" / "val_predictions.csv").write_text("sample_id,fold,price,pred,log_pred\nx,3,1.0,1.0,0.1\n")
+    out = predict_test.main(holdout, tmp_path / "sub.csv")
+    model, ckpt = inference.load_checkpoint(run_dir / "fold_0" / "best.pt")
+    test_ids = load_table(planted / "data", "test")["sample_id"].tolist()
+    inputs = inference.load_inputs(holdout, "test", test_ids, torch.device("cpu"))
+    alone = prices_from_log(inference.predict_log(model, inputs, torch.arange(len(test_ids)), 256, torch.device("cpu"), None),
+                            ckpt["price_floor"])
+    sub = pd.read_csv(out, dtype={"sample_id": str}).set_index("sample_id")["price"].loc[test_ids]
+    np.testing.assert_allclose(sub, alone, rtol=1e-5)  # fold 0's model alone
+    preds = read_predictions(holdout.predictions_dir, "qwen_clip")
+    table = load_table(planted / "data", "train")
+    assert preds.meta["oof_kind"] == "holdout" and preds.meta["folds"] == [0]
+    assert sorted(preds.oof["sample_id"]) == sorted(table.loc[table["fold"] == 0, "sample_id"].astype(str))
+    assert evaluate_by_groups.main(holdout)["count"].iloc[-1] == (table["fold"] == 0).sum()
+
+    # a fold listed in metrics.json whose checkpoint holds another config, or that is missing: clear errors
+    shutil.copy(run_dir / "fold_0" / "best.pt", tmp_path / "best.pt")
+    ckpt["config"]["lr"] = 0.5
+    torch.save(ckpt, run_dir / "fold_0" / "best.pt")
+    with pytest.raises(inference.RunError, match="another config"):
+        predict_test.main(holdout, tmp_path / "sub.csv")
+    (run_dir / "fold_0" / "best.pt").unlink()
+    with pytest.raises(inference.RunError, match="fold 0 is listed in metrics.json"):
+        evaluate_by_groups.main(holdout)
+
+
+def test_epochs_are_chosen_off_the_scored_fold(planted, tmp_path, monkeypatch):
+    judged = []
+    real = train.predict_log
+    monkeypatch.setattr(train, "predict_log", lambda model, inputs, idx, *a: judged.append(idx.clone()) or
+                        real(model, inputs, idx, *a))
+    table = load_table(planted / "data", "train")
+    scored = np.flatnonzero(table["fold"].to_numpy() == 0)
+    cfg = train.parse_cli(["model=qwen_clip", *cli(planted, tmp_path / "inner", "epochs=3", "l1_warmup_epochs=1")])
+    train.main(cfg)
+    assert len(judged) == 3  # once per epoch
+    rows = np.unique(torch.cat(judged).numpy())
+    assert not np.isin(rows, scored).any()  # no scored-fold row judged an epoch
+    n_other = len(table) - len(scored)
+    assert 0.05 * n_other < len(rows) < 0.15 * n_other  # a seeded 10% slice of the training folds
+    metrics = read_json(tmp_path / "inner" / "qwen_clip" / "fold_0" / "metrics.json")
+    assert metrics["selection"] == "inner" and metrics["selection_rows"] == len(rows)
+    assert metrics["train_rows"] == n_other - len(rows)
+    saved = pd.read_csv(tmp_path / "inner" / "qwen_clip" / "fold_0" / "val_predictions.csv")
+    assert len(saved) == len(scored)  # the scored fold, predicted once at the end
+
+    judged.clear()  # today's behaviour, kept for comparison, says it is optimistic
+    old = train.parse_cli(["model=qwen_clip", *cli(planted, tmp_path / "old", "epochs=3", "selection=scored_fold")])
+    train.main(old)
+    assert all(sorted(idx.tolist()) == scored.tolist() for idx in judged)
+    predict_test.main(old, tmp_path / "old.csv")
+    meta = read_predictions(old.predictions_dir, "qwen_clip").meta
+    assert meta["selection"].startswith("best epoch on the scored fold: optimistic")
+
+
+def test_a_skipped_source_is_left_out_with_a_log_line(planted, tmp_path):
+    embeddings = tmp_path / "embeddings"
+    for name in ("txt", "noise"):
+        shutil.copytree(planted / "embeddings" / name, embeddings / name)
+    mark_source_skipped(embeddings, "img", "no usable image in the catalog")
+    args = [*cli(planted, tmp_path, "sources=img,txt", "epochs=6"), f"embeddings_dir={embeddings}"]
+    cfg = train.parse_cli(["model=qwen_clip", *args])
+    summary = train.main(cfg)
+    assert summary["sources"] == ["txt"]
+    assert summary["val_smape_mean"] < 0.8 * constant_median_smape(planted)  # learned from txt; noise-only stays > 0.85
+    _, ckpt = inference.load_checkpoint(tmp_path / "qwen_clip" / "fold_0" / "best.pt")
+    assert [s["name"] for s in ckpt["sources"]] == ["txt"]
+    log = (tmp_path / "qwen_clip" / "log.txt").read_text()
+    assert log.count("source img left out: no usable image in the catalog") == 1
     out = predict_test.main(cfg, tmp_path / "sub.csv")
     assert check_submission(out, planted / "raw" / "test.csv") == []
+    assert read_predictions(cfg.predictions_dir, "qwen_clip").meta["sources"] == ["txt"]
+    evaluate_by_groups.main(cfg)
+    mark_source_skipped(embeddings, "txt", "no text")
+    with pytest.raises(train.ConfigError, match="no source left"):
+        train.main(train.parse_cli(["model=qwen_clip", *args, "resume=false"]))
 
 
 def test_compare_lists_every_block_and_both_models(planted, tmp_path):
@@ -138,8 +268,8 @@ def test_trainer_adds_the_energy_penalty_to_the_loss(planted, tmp_path):
                    f"energy_weight={weight}", "energy_budget=1.0", "l1_warmup_epochs=0", "early_stopping_patience=100")
         cfg = train.parse_cli(["model=qwen_clip", *args])
         train.main(cfg)
-        model, _ = train.load_checkpoint(tmp_path / str(weight) / "qwen_clip" / "fold_0" / "best.pt")
-        inputs = train.load_inputs(cfg, "train", load_table(planted / "data", "train")["sample_id"], torch.device("cpu"))
-        train.predict_log(model, inputs, torch.arange(200), 256, torch.device("cpu"), None)
+        model, _ = inference.load_checkpoint(tmp_path / str(weight) / "qwen_clip" / "fold_0" / "best.pt")
+        inputs = inference.load_inputs(cfg, "train", load_table(planted / "data", "train")["sample_id"], torch.device("cpu"))
+        inference.predict_log(model, inputs, torch.arange(200), 256, torch.device("cpu"), None)
         energies[weight] = float(model.block.last_energy)
     assert energies[5.0] < energies[0.0] - 0.1, energies  # the penalty moved the router to cheaper paths
