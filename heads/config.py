@@ -1,0 +1,68 @@
+"""Settings for the classical heads. Edit the defaults here or override any field as key=value."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+HEADS = ("ridge", "knn", "lgbm")
+
+
+@dataclass
+class HeadsConfig:
+    # where things are
+    data_dir: Path = Path("checkpoints/data")  # processed tables from data.prepare (the folds live here)
+    embeddings_dir: Path = Path("checkpoints/embeddings")  # caches: embeddings_dir/<source>/<split>/
+    predictions_dir: Path = Path("checkpoints/predictions")  # each head writes predictions_dir/<head>/
+    heads: list[str] = field(default_factory=lambda: list(HEADS))  # which of ridge, knn, lgbm to train
+    # caches used as LightGBM inputs and neighbour spaces; a missing or skipped one is left out with a log line
+    embedding_sources: list[str] = field(default_factory=lambda: ["qwen_text", "siglip_text", "clip_image", "siglip_image"])
+    # sources whose encoder was fine-tuned on the non-holdout folds: their out-of-fold rows there are optimistic
+    finetuned_sources: list[str] = field(default_factory=lambda: ["qwen_text", "clip_image"])
+    # TF-IDF, fitted on the train rows' text (no prices)
+    word_max_features: int = 200_000  # word 1-2-grams
+    char_max_features: int = 300_000  # char_wb 2-5-grams
+    min_df: int = 2
+    # ridge head
+    ridge_alpha: float = 1.0
+    # knn head: distance-weighted mean log price of the k nearest rows
+    knn_k: int = 10
+    knn_space: str = "tfidf"  # tfidf (sparse cosine on the full TF-IDF) or one of embedding_sources
+    distance_eps: float = 0.05  # neighbour weight is 1 / (cosine distance + eps)
+    # LightGBM head features
+    tfidf_svd_dims: int = 128  # TruncatedSVD of the TF-IDF, fitted on the train rows only
+    embedding_svd_dims: int = 64  # TruncatedSVD of each cache (fitted on train rows); 0 keeps no projection
+    neighbour_k: int = 20  # neighbours behind the price features, in TF-IDF space and in each cache
+    ridge_feature: bool = True  # the ridge head's prediction as a feature (inner out-of-fold, same rule as neighbours)
+    # LightGBM head model: fixed rounds, no early stopping on the scored fold
+    lgbm_objective: str = "l1"  # l1 | huber | regression (L2), on log price; l1 beat huber on the real rows (CV)
+    lgbm_huber_delta: float = 1.0  # huber: quadratic within this many log units
+    lgbm_rounds: int = 2000
+    lgbm_learning_rate: float = 0.02
+    lgbm_num_leaves: int = 63
+    lgbm_min_child_samples: int = 20
+    lgbm_feature_fraction: float = 0.5
+    lgbm_bagging_fraction: float = 0.8
+    lgbm_lambda_l2: float = 1.0
+    lgbm_threads: int = 0  # 0: every core
+    # runtime
+    chunk_size: int = 2048  # query rows per similarity block (memory: chunk_size x n_train floats)
+    device: str = "auto"  # auto | cpu | cuda: where the neighbour search runs
+    seed: int = 42
+
+
+PROFILES = {
+    "default": HeadsConfig(),
+    # real folders, settings for a 2-core CPU: ~7k train rows in a few minutes
+    "small": HeadsConfig(word_max_features=100_000, char_max_features=150_000, lgbm_rounds=800,
+                         lgbm_learning_rate=0.03, lgbm_num_leaves=31, lgbm_threads=1, chunk_size=1024),
+    # the demo's folders and tiny settings, for the demo and tests
+    "tiny": HeadsConfig(data_dir=Path("checkpoints/demo/data"), embeddings_dir=Path("checkpoints/demo/embeddings"),
+                        predictions_dir=Path("checkpoints/demo/predictions"), word_max_features=20_000,
+                        char_max_features=20_000, tfidf_svd_dims=16, embedding_svd_dims=8, knn_k=5, neighbour_k=5,
+                        lgbm_rounds=150, lgbm_learning_rate=0.08, lgbm_num_leaves=15, lgbm_min_child_samples=10,
+                        lgbm_threads=1, chunk_size=512, device="cpu"),
+}
+
+
+def profile(name: str, **changes) -> HeadsConfig:
+    return replace(PROFILES[name], **changes)

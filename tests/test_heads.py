@@ -1,0 +1,228 @@
+"""The classical heads: each learns a planted signal out of fold, neighbour features never see a
+row's own price nor its scored fold, and predictions land in the core.predictions format."""
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+from core.embedding_cache import EmbeddingCacheWriter, mark_source_skipped
+from core.metrics import prices_from_log, smape
+from core.predictions import read_predictions
+from heads import train
+from heads.config import profile
+from heads.features import pack_count
+from heads.neighbours import NO_NEIGHBOUR, fold_neighbours, nearest
+
+PRODUCTS = {"coffee": 3.2, "candle": 2.4, "shampoo": 1.8, "battery": 2.9, "sauce": 1.2, "cookies": 1.5,
+            "blender": 4.2, "socks": 2.0}
+FILLER = "fresh quality classic natural premium daily family value select original best home".split()
+
+
+def write_tables(data_dir, train_df, test_df):
+    data_dir.mkdir(parents=True, exist_ok=True)
+    train_df.to_parquet(data_dir / "train.parquet", index=False)
+    test_df.to_parquet(data_dir / "test.parquet", index=False)
+    (data_dir / "prepare.json").write_text(json.dumps(
+        {"complete": True, "config": {"holdout_fold": 0, "n_folds": 5, "raw_dir": str(data_dir)}}))
+    return data_dir
+
+
+def table(names, bullets, folds=None, prices=None, prefix="s"):
+    n = len(names)
+    df = pd.DataFrame({
+        "sample_id": [f"{prefix}{i}" for i in range(n)], "item_name": names, "bullets": bullets,
+        "text": [f"{a}\n{b}" for a, b in zip(names, bullets)], "value": 8.0, "unit": "ounce",
+        "quantity_value": 8.0, "unit_volume": 0.0, "unit_weight": 226.8, "image_path": "", "has_image": False})
+    if prices is not None:
+        df["price"] = prices
+        df["log_price"] = np.log1p(prices)
+        df["fold"] = folds
+    return df
+
+
+def planted_tables(n_train=700, n_test=120, seed=0):
+    """Price set by the product word and the pack count ("Pack of N"), with 10% log-noise."""
+    rng = np.random.default_rng(seed)
+
+    def rows(n):
+        kinds = rng.choice(list(PRODUCTS), n)
+        packs = rng.choice([1, 2, 3, 4, 6, 12], n)
+        names = [f"{' '.join(rng.choice(FILLER, 2))} {k} 8 Ounce (Pack of {p})" for k, p in zip(kinds, packs)]
+        bullets = [" ".join(rng.choice(FILLER, 6)) for _ in range(n)]
+        log_price = np.array([PRODUCTS[k] for k in kinds]) + 0.7 * np.log(packs) + rng.normal(0, 0.1, n)
+        return names, bullets, np.expm1(log_price).clip(0.2)
+
+    names, bullets, prices = rows(n_train)
+    train_df = table(names, bullets, rng.permutation(np.arange(n_train) % 5), prices)
+    names, bullets, _ = rows(n_test)
+    return train_df, table(names, bullets, prefix="t")
+
+
+def duplicate_pair_tables(n_pairs=250, same_fold=True, seed=1):
+    """Pairs of rows with identical text made of tokens no other pair uses, one random price per pair.
+    The text says nothing about the price except through the pair's other copy."""
+    rng = np.random.default_rng(seed)
+    names, bullets, prices, folds = [], [], [], []
+    for p in range(n_pairs):
+        name = f"item {p}x{rng.integers(1e6)} zq{p}k {' '.join(rng.choice(FILLER, 2))}"
+        bullet = f"code{p}a code{p}b {' '.join(rng.choice(FILLER, 4))}"
+        price = float(np.exp(rng.uniform(0, 6)))
+        fold = p % 5
+        for copy in range(2):
+            names.append(name)
+            bullets.append(bullet)
+            prices.append(price)
+            folds.append(fold if same_fold else (fold + copy) % 5)
+    train_df = table(names, bullets, np.array(folds), np.array(prices))
+    test_df = table(names[:20:2], bullets[:20:2], prefix="t")
+    return train_df, test_df
+
+
+def run_heads(tmp_path, train_df, test_df, heads="ridge,knn,lgbm", **changes):
+    data_dir = write_tables(tmp_path / "data", train_df, test_df)
+    cfg = profile("tiny", data_dir=data_dir, embeddings_dir=tmp_path / "embeddings",
+                  predictions_dir=tmp_path / "predictions", heads=heads.split(","), **changes)
+    return cfg, train.main(cfg)
+
+
+def constant_median_smape(train_df):
+    """OOF SMAPE of predicting the training folds' median price."""
+    pred = np.zeros(len(train_df))
+    for f in range(5):
+        pred[train_df.fold == f] = train_df.price[train_df.fold != f].median()
+    return smape(train_df.price, pred)
+
+
+# ---------------------------------------------------------------- pieces
+
+
+def test_pack_count_reads_the_usual_spellings():
+    assert pack_count("Sauce, 12 Ounce (Pack of 6)") == 6
+    assert pack_count("Cola 6 Pack of cans") == 6
+    assert pack_count("Energy drink 24-pack") == 24
+    assert pack_count("Set of 2 mugs") == 2
+    assert pack_count("Cooking Wine, 12.7 Ounce - 12 per case.") == 12
+    assert pack_count("Olive oil 16.9 Fl Oz") == 1
+
+
+@pytest.mark.parametrize("sparse,torch_sparse", [(False, None), (True, False), (True, True)])
+def test_nearest_matches_brute_force_and_respects_masks(sparse, torch_sparse):
+    rng = np.random.default_rng(0)
+    cand = rng.normal(size=(300, 12)).astype(np.float32)
+    queries = rng.normal(size=(130, 12)).astype(np.float32)
+    if sparse:
+        cand[cand < 0.5], queries[queries < 0.5] = 0, 0
+    allowed = rng.random(300) < 0.6
+    idx, sim = nearest(sp.csr_matrix(queries) if sparse else queries, sp.csr_matrix(cand) if sparse else cand,
+                       7, allowed, chunk_size=32, torch_sparse=torch_sparse)
+    unit = lambda x: x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    full = unit(queries) @ unit(cand).T
+    full[:, ~allowed] = -np.inf
+    expected = np.sort(full, axis=1)[:, ::-1][:, :7]
+    np.testing.assert_allclose(sim, expected, atol=1e-5)
+    assert allowed[idx].all()
+
+
+def test_fold_neighbours_never_see_the_row_itself_nor_excluded_folds():
+    rng = np.random.default_rng(1)
+    n = 400
+    vectors = rng.normal(size=(n, 8)).astype(np.float32)
+    vectors[1::2] = vectors[::2] + 1e-3  # every row has a near-copy: the obvious neighbour if it were allowed
+    folds = rng.permutation(np.arange(n) % 5)
+    present = rng.random(n) > 0.1
+    test_vectors = vectors[:50] + 1e-3
+    result = fold_neighbours(vectors, test_vectors, folds, 6, train_present=present, chunk_size=64)
+    assert [r.fold for r in result] == [0, 1, 2, 3, 4]
+    rows = np.arange(n)[:, None]
+    for r in result:
+        idx = r.train_indices
+        valid = idx != NO_NEIGHBOUR
+        assert valid[present].all() and not valid[~present].any()  # missing vectors: no neighbours either way
+        nb_fold = np.where(valid, folds[np.where(valid, idx, 0)], -1)
+        assert not (valid & (idx == rows)).any()  # never itself
+        assert not (valid & (nb_fold == folds[:, None])).any()  # never its own fold
+        assert not (valid & (nb_fold == r.fold)).any()  # never the scored fold
+        assert present[idx[valid]].all()  # never a row without a vector
+        test_valid = r.test_indices != NO_NEIGHBOUR
+        assert test_valid.all() and (folds[r.test_indices] != r.fold).all()
+
+
+# ---------------------------------------------------------------- heads end to end
+
+
+def test_each_head_learns_the_planted_signal_and_writes_predictions(tmp_path):
+    train_df, test_df = planted_tables()
+    # a cache whose vectors carry the product word, with 15% of rows missing; one cache skipped upstream
+    rng = np.random.default_rng(5)
+    direction = {k: rng.normal(size=16) for k in PRODUCTS}
+    for split, df in (("train", train_df), ("test", test_df)):
+        kinds = [next(k for k in PRODUCTS if k in name) for name in df.item_name]
+        vectors = np.stack([direction[k] for k in kinds]) + rng.normal(0, 0.3, (len(df), 16))
+        present = rng.random(len(df)) > 0.15
+        writer = EmbeddingCacheWriter(tmp_path / "embeddings", "txt", split, df.sample_id, dim=16, modality="text",
+                                      model="planted", dtype="float32", chunk_size=256)
+        for chunk, start, stop in writer.pending_chunks():
+            writer.write_chunk(chunk, vectors[start:stop], present[start:stop])
+        writer.finalize()
+    mark_source_skipped(tmp_path / "embeddings", "img", "no usable image")
+    cfg, results = run_heads(tmp_path, train_df, test_df, embedding_sources=["txt", "img", "absent"])
+
+    baseline = constant_median_smape(train_df)
+    assert baseline > 45
+    margins = {"ridge": 0.6, "knn": 0.8, "lgbm": 0.5}  # OOF SMAPE must be below this share of the baseline
+    for head, share in margins.items():
+        preds = read_predictions(cfg.predictions_dir, head)
+        assert preds.meta["oof_kind"] == "out_of_fold" and "scored fold" in preds.meta["selection"]
+        assert set(preds.oof.sample_id) == set(train_df.sample_id) and len(preds.oof) == len(train_df)
+        assert set(preds.test.sample_id) == set(test_df.sample_id) and len(preds.test) == len(test_df)
+        folds = preds.oof.set_index("sample_id").fold.loc[train_df.sample_id].to_numpy()
+        np.testing.assert_array_equal(folds, train_df.fold.to_numpy())
+        oof = preds.oof.set_index("sample_id").log_pred.loc[train_df.sample_id]
+        score = smape(train_df.price, prices_from_log(oof, train_df.price.min()))
+        assert score == pytest.approx(results[head]["oof_smape"])
+        assert score < share * baseline, f"{head}: OOF SMAPE {score:.1f} vs constant median {baseline:.1f}"
+        assert set(preds.meta["fold_smape"]) == {str(f) for f in range(5)}
+        assert np.isfinite(preds.test.log_pred).all()
+    features = results["lgbm"]["features"]
+    assert "txt_nb_weighted_log_price" in features and "txt_svd_0" in features and "pack_count" in features
+    assert not any(f.startswith(("img_", "absent_")) for f in features)
+    assert results["lgbm"]["embedding_sources"] == ["txt"]
+
+
+def test_duplicates_in_the_same_fold_do_not_leak_their_price(tmp_path):
+    # control: with the copies in different folds, the neighbour price is the answer and knn is near-perfect
+    train_df, test_df = duplicate_pair_tables(same_fold=False)
+    _, results = run_heads(tmp_path / "control", train_df, test_df, heads="knn", knn_k=1)
+    assert results["knn"]["oof_smape"] < 5
+
+    # copies in the same fold: a row's only informative neighbour is its copy, which must stay unseen
+    train_df, test_df = duplicate_pair_tables(same_fold=True)
+    baseline = constant_median_smape(train_df)
+    _, results = run_heads(tmp_path / "same", train_df, test_df, heads="ridge,knn,lgbm", knn_k=1)
+    for head in ("ridge", "knn", "lgbm"):
+        assert results[head]["oof_smape"] > 0.8 * baseline, f"{head} reached {results[head]['oof_smape']:.1f}"
+
+
+def test_lgbm_neighbour_features_never_hold_the_copy_price(tmp_path):
+    """Every row's neighbour-price columns, in every fold model, differ from its own (unique) price;
+    with the copies in different folds the scored rows' nearest price would be exactly their own."""
+    import logging
+
+    for same_fold in (True, False):
+        train_df, test_df = duplicate_pair_tables(same_fold=same_fold)
+        data_dir = write_tables(tmp_path / str(same_fold), train_df, test_df)
+        cfg = profile("tiny", data_dir=data_dir, embeddings_dir=tmp_path / "none", embedding_sources=[],
+                      heads=["lgbm"], ridge_feature=False)
+        inputs = train.Inputs(cfg, logging.getLogger("test"))
+        base_train, base_test = train.lgbm_shared_features(inputs)
+        own_price_hits = 0
+        for m, f in enumerate(inputs.fold_ids):
+            x_train, _ = train.lgbm_fold_frames(inputs, m, f, base_train, base_test, None)
+            hits = np.isclose(x_train["tfidf_nb_nn1_log_price"], inputs.y)
+            own_price_hits += hits[inputs.folds == f].sum()
+            if same_fold:
+                assert not hits.any()
+        if not same_fold:
+            assert own_price_hits > 0.9 * len(train_df)
