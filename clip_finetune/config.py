@@ -26,12 +26,14 @@ class ClipConfig:
     freeze_norms: bool = True  # keep every LayerNorm of the image tower fixed
     head_hidden: int = 512
     grad_clip: float = 1.0
-    early_stopping_patience: int = 3  # epochs without a better validation SMAPE
+    early_stopping_patience: int = 3  # epochs without a better SMAPE on the selection slice
+    selection_fraction: float = 0.1  # share of the training folds that chooses the checkpoint; the holdout fold stays unseen
     num_workers: int = 8  # image-decoding worker processes
     seed: int = 42
     device: str = "auto"
     precision: str = "auto"  # bf16 autocast on CUDA
     resume: bool = True
+    predictions_dir: Path = Path("checkpoints/predictions")  # the head's holdout and test predictions (core.predictions)
     # extraction (python -m clip_finetune.extract_embeddings)
     split: str = "both"  # train | test | both
     use_finetuned: bool = True  # false: the base model's image vectors
@@ -49,7 +51,8 @@ PROFILES = {
     # random-init tiny ViT on the demo catalog: the whole tower trains at the head's rate, on L1
     "tiny": replace(CONFIG, model="checkpoints/demo/models/clip_tiny", data_dir=Path("checkpoints/demo/data"),
                     out_dir=Path("checkpoints/demo/clip_finetune"), run_name="tiny",
-                    embeddings_dir=Path("checkpoints/demo/embeddings"), loss="l1", epochs=25, batch_size=32,
+                    embeddings_dir=Path("checkpoints/demo/embeddings"),
+                    predictions_dir=Path("checkpoints/demo/predictions"), loss="l1", epochs=25, batch_size=32,
                     lr_backbone=1e-3, lr_head=3e-3, warmup_steps=20, freeze_blocks=0, freeze_norms=False,
                     head_hidden=64, num_workers=2, early_stopping_patience=8, extract_batch_size=128, chunk_size=512),
 }

@@ -4,12 +4,18 @@
     torchrun --nproc_per_node=8 -m clip_finetune.train         # DDP, batch_size per GPU
     python -m clip_finetune.train profile=tiny                 # the demo's tiny ViT, CPU
 
-Trains on rows with a usable image outside the data stage's holdout fold and validates on the
-holdout fold, so the fusion model later validates on rows this encoder never saw. The backbone
-learns at a far lower rate than the head; the first `freeze_blocks` blocks and the norms can be
-frozen. Warmup then cosine, AMP on CUDA, gradient clipping, early stopping on validation SMAPE.
-The run folder out_dir/run_name holds config.json, last.pt (every epoch, for resume), best.pt
-with best.json, history.csv, val_predictions.csv and metrics.json.
+Rows come from core.tables.encoder_rows: the model trains on the `fit` rows, early-stops and keeps
+best.pt on the `select` slice (selection_fraction of the training folds), and only then is scored
+once on the data stage's holdout fold, which it never trained on nor chose a checkpoint with, so
+fusion and the ensemble later score that fold on rows this encoder never saw. Only rows with a
+usable image take part: `has_image` true and a file that decodes; an image that fails to decode is
+counted and logged with its sample_id and the reason. When no training row has a usable image the
+stage steps aside: one log line and metrics.json {"skipped": true, "reason": ..., "complete": true}.
+
+The backbone learns at a far lower rate than the head; the first `freeze_blocks` blocks and the
+norms can be frozen. Warmup then cosine, AMP on CUDA, gradient clipping. The run folder
+out_dir/run_name holds config.json, last.pt (every epoch, for resume), best.pt with best.json,
+history.csv, val_predictions.csv (the holdout fold, chosen checkpoint) and metrics.json.
 """
 from __future__ import annotations
 
@@ -25,25 +31,57 @@ from clip_finetune.config import PROFILES, ClipConfig
 from clip_finetune.model import ClipRegressor, freeze
 from core.config import parse_args, to_dict
 from core.distributed import barrier, cleanup, init_device
-from core.encode import image_loader
-from core.errors import run_cli
+from core.encode import describe_failures, find_undecodable, image_loader
+from core.errors import PipelineError, run_cli
 from core.io import atomic_save, write_json
 from core.losses import get_loss, l1_log_loss
 from core.metrics import format_table, price_bin_report, prices_from_log, smape
 from core.open_clip_models import image_size_of, load_open_clip
 from core.runs import claim_run_dir
 from core.runtime import autocast, progress, seed_everything, setup_logging, warmup_cosine
-from core.tables import holdout_fold, load_table
+from core.tables import encoder_rows, holdout_fold, load_table
+
+SELECTION = "best epoch on a {:.0%} slice of the training folds; the holdout fold is unseen"
 
 
 @torch.no_grad()
-def predict_log(model, loader, device, dtype) -> np.ndarray:
+def predict_log(model, loader, device, dtype) -> tuple[np.ndarray, np.ndarray]:
+    """(log1p price predictions, present) for every row of an ImageRows loader, in order."""
     model.eval()
-    out = []
-    for pixels, _, _ in loader:
+    out, present = [], []
+    for pixels, ok, _ in loader:
         with autocast(device, dtype):
             out.append(model(pixels.to(device, non_blocking=True)).float().cpu())
-    return torch.cat(out).numpy()
+        present.append(ok)
+    return torch.cat(out).numpy(), torch.cat(present).numpy().astype(bool)
+
+
+def usable_images(table: pd.DataFrame, num_workers: int, dist, log) -> tuple[np.ndarray, dict]:
+    """(has_image and the file decodes, {row: reason} for files that do not). Each rank checks its
+    share of the rows; the failures are gathered so every rank trains on the same rows."""
+    failures = find_undecodable(table["image_path"].tolist(), table["has_image"], num_workers, dist.rank, dist.world_size)
+    if dist.enabled:
+        parts = [None] * dist.world_size
+        torch.distributed.all_gather_object(parts, failures)
+        failures = {row: reason for part in parts for row, reason in part.items()}
+    if failures and dist.is_main:
+        log.warning("train table: %s", describe_failures(failures, table["sample_id"]))
+    usable = table["has_image"].to_numpy(bool).copy()
+    usable[list(failures)] = False
+    return usable, failures
+
+
+def step_aside(run_dir: Path, reason: str, dist, log) -> dict:
+    """No image to learn from: say so once and leave a complete run folder so a pipeline goes on."""
+    metrics = {"skipped": True, "reason": reason, "complete": True}
+    if dist.is_main:
+        log.warning("clip_finetune steps aside, no image model is trained: %s", reason)
+        for stale in ("best.pt", "best.json", "val_predictions.csv"):  # an earlier run's outputs must not be read as this one's
+            (run_dir / stale).unlink(missing_ok=True)
+        write_json(run_dir / "metrics.json", metrics)
+    barrier(dist)
+    cleanup(dist)
+    return metrics
 
 
 def main(cfg: ClipConfig) -> dict:
@@ -57,13 +95,31 @@ def main(cfg: ClipConfig) -> dict:
         return finished
     seed_everything(cfg.seed)
 
-    # data: the data stage's split; rows without an image cannot teach an image model
+    # data: the data stage's split. Fit on `fit`, choose the checkpoint on `select`, score the holdout
+    # fold once at the end. A row without a usable image (none, or a file that fails to decode)
+    # takes part in neither: a blank image with a real price would teach the model noise.
     table = load_table(cfg.data_dir, "train")
     holdout = holdout_fold(cfg.data_dir)
-    usable = table[table["has_image"]].reset_index(drop=True)
-    train_rows, val_rows = usable[usable["fold"] != holdout], usable[usable["fold"] == holdout]
-    y_train = torch.tensor(train_rows["log_price"].to_numpy(), dtype=torch.float32)
-    price_floor = float(train_rows["price"].min())
+    fit, select = encoder_rows(table, holdout, cfg.selection_fraction, cfg.seed)
+    scored = table["fold"].to_numpy() == holdout
+    has_image = table["has_image"].to_numpy(bool)
+    if not has_image[fit].any():
+        return step_aside(run_dir, f"no training row has an image (has_image is false for all {int(fit.sum())} "
+                                   f"rows outside the holdout fold and the selection slice)", dist, log)
+    usable, failures = usable_images(table, cfg.num_workers, dist, log)
+    if not usable[fit].any():
+        return step_aside(run_dir, f"none of the {int(has_image[fit].sum())} training images decodes "
+                                   f"({describe_failures(failures, table['sample_id'])})", dist, log)
+    if not usable[select].any():
+        raise PipelineError(f"{cfg.data_dir}: none of the {int(select.sum())} selection rows has a usable image; "
+                            f"raise selection_fraction (now {cfg.selection_fraction})")
+    fit_rows = table[fit & usable].reset_index(drop=True)
+    select_rows = table[select & usable].reset_index(drop=True)
+    holdout_rows = table[scored].reset_index(drop=True)
+    holdout_usable = usable[scored]
+    y_fit = torch.tensor(fit_rows["log_price"].to_numpy(), dtype=torch.float32)
+    price_floor = float(fit_rows["price"].min())
+    price_median = float(table.loc[fit, "price"].median())  # what a row without an image is given
 
     # model
     clip, preprocess_train, preprocess_eval, _ = load_open_clip(cfg.model, cfg.pretrained, "cpu")
@@ -74,7 +130,7 @@ def main(cfg: ClipConfig) -> dict:
     model = ClipRegressor(visual, embed_dim, cfg.head_hidden)
     trainable = freeze(model.visual, cfg.freeze_blocks, cfg.freeze_norms)
     with torch.no_grad():
-        model.head[-1].bias.fill_(float(y_train.median()))  # start at the median price
+        model.head[-1].bias.fill_(float(y_fit.median()))  # start at the median price
     model.to(device)
     ddp = model
     if dist.enabled:
@@ -82,13 +138,13 @@ def main(cfg: ClipConfig) -> dict:
 
     sampler = None
     if dist.enabled:
-        sampler = torch.utils.data.distributed.DistributedSampler(range(len(train_rows)), num_replicas=dist.world_size,
+        sampler = torch.utils.data.distributed.DistributedSampler(range(len(fit_rows)), num_replicas=dist.world_size,
                                                                   rank=dist.rank, shuffle=True, seed=cfg.seed)
-    train_loader = image_loader(train_rows["image_path"], train_rows["has_image"], preprocess_train, size, cfg.batch_size,
-                                cfg.num_workers, device, shuffle=True, drop_last=len(train_rows) > cfg.batch_size,
+    train_loader = image_loader(fit_rows["image_path"], fit_rows["has_image"], preprocess_train, size, cfg.batch_size,
+                                cfg.num_workers, device, shuffle=True, drop_last=len(fit_rows) > cfg.batch_size,
                                 sampler=sampler, seed=cfg.seed)
-    val_loader = image_loader(val_rows["image_path"], val_rows["has_image"], preprocess_eval, size,
-                              cfg.batch_size * 2, cfg.num_workers, device)
+    select_loader = image_loader(select_rows["image_path"], select_rows["has_image"], preprocess_eval, size,
+                                 cfg.batch_size * 2, cfg.num_workers, device)
 
     backbone = [p for p in model.visual.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW([{"params": backbone, "lr": cfg.lr_backbone},
@@ -107,14 +163,15 @@ def main(cfg: ClipConfig) -> dict:
         scheduler.load_state_dict(state["scheduler"])
         start_epoch, best, bad_epochs, history = state["epoch"] + 1, state["best"], state["bad_epochs"], state["history"]
         torch.set_rng_state(state["rng"])
-        log.info("resumed at epoch %d (best val SMAPE %.3f)", start_epoch, best)
-    log.info("%s: %d-d image vectors at %d px; %s trainable backbone parameters; %d train / %d val images; "
-             "device %s x%d, amp %s", cfg.model, embed_dim, size, f"{trainable:,}", len(train_rows), len(val_rows),
+        log.info("resumed at epoch %d (best selection SMAPE %.3f)", start_epoch, best)
+    log.info("%s: %d-d image vectors at %d px; %s trainable backbone parameters; %d fit / %d select / %d holdout "
+             "images (%d train rows without a usable image left out); device %s x%d, amp %s", cfg.model, embed_dim,
+             size, f"{trainable:,}", len(fit_rows), len(select_rows), int(holdout_usable.sum()), int((~usable).sum()),
              device, dist.world_size, dtype)
 
     for epoch in range(start_epoch, cfg.epochs):
         if bad_epochs >= cfg.early_stopping_patience:
-            log.info("early stop: no better validation SMAPE in %d epochs", bad_epochs)
+            log.info("early stop: no better selection SMAPE in %d epochs", bad_epochs)
             break
         t0 = time.time()
         if sampler is not None:
@@ -123,11 +180,20 @@ def main(cfg: ClipConfig) -> dict:
             train_loader.generator.manual_seed(cfg.seed + epoch)  # same batches after a resume
         ddp.train()
         use_l1 = epoch < cfg.l1_warmup_epochs
-        total, count = 0.0, 0
-        for pixels, _, idx in progress(train_loader, desc=f"clip epoch {epoch}", disable=None if dist.is_main else True):
+        epoch_loss = l1_log_loss if use_l1 else loss_fn
+        total, count, masked = 0.0, 0, 0
+        bar = progress(train_loader, desc=f"clip epoch {epoch}", disable=None if dist.is_main else True,
+                       samples_per_step=cfg.batch_size * dist.world_size, log=log)
+        for pixels, present, idx in bar:
             with autocast(device, dtype):
                 pred = ddp(pixels.to(device, non_blocking=True))
-            loss = (l1_log_loss if use_l1 else loss_fn)(pred.float(), y_train[idx].to(device))
+            keep = present.to(device)
+            n_kept = int(present.sum())
+            if n_kept:  # an image that stopped decoding since the check is left out of the loss
+                loss = epoch_loss(pred.float()[keep], y_fit[idx].to(device)[keep])
+            else:
+                loss = pred.float().sum() * 0.0  # nothing to learn here, but DDP ranks stay in step
+            masked += len(idx) - n_kept
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
@@ -135,43 +201,73 @@ def main(cfg: ClipConfig) -> dict:
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
-            total, count = total + float(loss.detach()) * len(idx), count + len(idx)
+            total, count = total + float(loss.detach()) * n_kept, count + n_kept
+            bar.set_postfix(loss=total / max(count, 1), lr=optimizer.param_groups[0]["lr"])
         if not math.isfinite(total):
             raise FloatingPointError(f"epoch {epoch}: loss is not finite; lower lr_backbone or use loss=l1")
-        val_pred = prices_from_log(predict_log(model, val_loader, device, dtype), price_floor)
-        val_smape = smape(val_rows["price"], val_pred)
-        improved = val_smape < best
-        best, bad_epochs = (val_smape, 0) if improved else (best, bad_epochs + 1)
+        if masked:
+            log.warning("epoch %d: %d fit image(s) failed to decode during training and were left out of the loss",
+                        epoch, masked)
+        select_log, select_present = predict_log(model, select_loader, device, dtype)
+        select_smape = smape(select_rows["price"].to_numpy()[select_present],
+                             prices_from_log(select_log[select_present], price_floor))
+        improved = select_smape < best
+        best, bad_epochs = (select_smape, 0) if improved else (best, bad_epochs + 1)
         history.append({"epoch": epoch, "train_loss": total / max(count, 1), "loss": "l1_warmup" if use_l1 else cfg.loss,
-                        "val_smape": val_smape, "lr_backbone": optimizer.param_groups[0]["lr"], "seconds": time.time() - t0})
+                        "select_smape": select_smape, "lr_backbone": optimizer.param_groups[0]["lr"],
+                        "seconds": time.time() - t0})
         if dist.is_main:
             if improved:
                 ckpt = {"visual": model.visual.state_dict(), "head": model.head.state_dict(), "embed_dim": embed_dim,
-                        "config": to_dict(cfg), "epoch": epoch, "val_smape": val_smape, "price_floor": price_floor}
+                        "config": to_dict(cfg), "epoch": epoch, "select_smape": select_smape,
+                        "selection": SELECTION.format(cfg.selection_fraction), "price_floor": price_floor,
+                        "price_median": price_median}
                 atomic_save(lambda tmp: torch.save(ckpt, tmp), run_dir / "best.pt")
                 write_json(run_dir / "best.json", {k: v for k, v in ckpt.items() if k not in ("visual", "head")})
-                atomic_save(lambda tmp: pd.DataFrame({"sample_id": val_rows["sample_id"], "price": val_rows["price"],
-                                                      "pred": val_pred}).to_csv(tmp, index=False),
-                            run_dir / "val_predictions.csv")
             state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                      "epoch": epoch, "best": best, "bad_epochs": bad_epochs, "history": history, "rng": torch.get_rng_state()}
             atomic_save(lambda tmp: torch.save(state, tmp), last_path)
             atomic_save(lambda tmp: pd.DataFrame(history).to_csv(tmp, index=False), run_dir / "history.csv")
-        log.info("epoch %2d  loss %.4f  val SMAPE %.3f%s  lr %.2e  %.1fs", epoch, history[-1]["train_loss"], val_smape,
-                 " *" if improved else "", history[-1]["lr_backbone"], history[-1]["seconds"])
+        log.info("epoch %2d  loss %.4f  select SMAPE %.3f%s  lr %.2e  %.1fs", epoch, history[-1]["train_loss"],
+                 select_smape, " *" if improved else "", history[-1]["lr_backbone"], history[-1]["seconds"])
         barrier(dist)
 
-    baseline = smape(val_rows["price"], np.full(len(val_rows), train_rows["price"].median()))
-    metrics = {"val_smape": best, "constant_median_val_smape": baseline, "epochs_run": len(history),
-               "train_images": len(train_rows), "val_images": len(val_rows), "complete": True}
+    metrics = {"select_smape": best, "epochs_run": len(history), "fit_images": len(fit_rows),
+               "select_images": len(select_rows), "val_images": int(holdout_usable.sum()),
+               "images_failed_to_decode": len(failures), "selection": SELECTION.format(cfg.selection_fraction)}
     if dist.is_main:
-        preds = pd.read_csv(run_dir / "val_predictions.csv")
-        log.info("best validation SMAPE %.3f (constant median %.3f):\n%s", best, baseline,
-                 format_table(price_bin_report(preds["price"], preds["pred"])))
-        write_json(run_dir / "metrics.json", metrics)
+        metrics.update(score_holdout(model, run_dir, holdout_rows, holdout_usable, preprocess_eval, size, cfg, device,
+                                     dtype, price_median, log))
+        write_json(run_dir / "metrics.json", {**metrics, "complete": True})
     barrier(dist)
     cleanup(dist)
-    return metrics
+    return {**metrics, "complete": True}
+
+
+def score_holdout(model, run_dir: Path, rows: pd.DataFrame, usable: np.ndarray, transform, size: int, cfg, device,
+                  dtype, price_median: float, log) -> dict:
+    """The chosen checkpoint's predictions for every holdout row (the training median where there
+    is no usable image) to val_predictions.csv, and its SMAPE on the rows with an image."""
+    ckpt = torch.load(run_dir / "best.pt", map_location="cpu", weights_only=False)
+    model.visual.load_state_dict(ckpt["visual"])
+    model.head.load_state_dict(ckpt["head"])
+    loader = image_loader(rows["image_path"], usable, transform, size, cfg.batch_size * 2, cfg.num_workers, device)
+    log_pred, present = predict_log(model, loader, device, dtype)
+    log_pred = np.where(present, log_pred, np.log1p(price_median))
+    price = rows["price"].to_numpy()
+    pred = prices_from_log(log_pred, ckpt["price_floor"])
+    out = pd.DataFrame({"sample_id": rows["sample_id"], "fold": rows["fold"], "price": price, "pred": pred,
+                        "log_pred": log_pred, "has_usable_image": present})
+    atomic_save(lambda tmp: out.to_csv(tmp, index=False), run_dir / "val_predictions.csv")
+    if not present.any():
+        log.warning("no holdout row has a usable image; the holdout fold is not scored")
+        return {"val_smape": None, "constant_median_val_smape": None, "best_epoch": ckpt["epoch"]}
+    val_smape = smape(price[present], pred[present])
+    baseline = smape(price[present], np.full(int(present.sum()), price_median))
+    log.info("holdout SMAPE %.3f with the epoch-%d checkpoint (constant median %.3f), on %d holdout images:\n%s",
+             val_smape, ckpt["epoch"], baseline, int(present.sum()),
+             format_table(price_bin_report(price[present], pred[present])))
+    return {"val_smape": val_smape, "constant_median_val_smape": baseline, "best_epoch": ckpt["epoch"]}
 
 
 if __name__ == "__main__":

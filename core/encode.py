@@ -4,6 +4,10 @@ Images are decoded and transformed in DataLoader worker processes; the encoder r
 under autocast on the GPU. Rows are visited in the order of the cache's pending chunks, and a
 chunk is written as soon as all its rows are encoded, so a killed extraction loses at most one
 chunk of work.
+
+An image that `data.prepare` accepted but that no longer decodes is never silent: it is masked
+(present=False, blank pixels) like a missing image, counted, and logged with its sample_id and the
+reason (`DecodeFailures`, `find_undecodable`).
 """
 from __future__ import annotations
 
@@ -15,9 +19,19 @@ from core.embedding_cache import EmbeddingCacheWriter
 from core.runtime import autocast, progress
 
 
+def decode_failure(path) -> str | None:
+    """Why the image at `path` cannot be used (the exception, in one line), or None when it decodes."""
+    try:
+        with Image.open(path) as img:
+            img.convert("RGB")
+        return None
+    except (OSError, ValueError) as err:
+        return f"{type(err).__name__}: {err}"
+
+
 class ImageRows(torch.utils.data.Dataset):
-    """(pixels, present, row index) per row; a row without a usable image yields blank pixels and
-    present=False."""
+    """(pixels, present, row index) per row; a row without a usable image (has_image False, or a
+    file that fails to decode) yields blank pixels and present=False."""
 
     def __init__(self, paths, has_image, transform, image_size: int):
         self.paths, self.has_image = list(paths), np.asarray(has_image, bool)
@@ -32,8 +46,54 @@ class ImageRows(torch.utils.data.Dataset):
                 with Image.open(self.paths[i]) as img:
                     return self.transform(img.convert("RGB")), True, i
             except (OSError, ValueError):
-                pass  # unreadable since data.prepare checked it: masked like a missing image
+                pass  # masked here; DecodeFailures counts it and logs why
         return torch.zeros(3, self.image_size, self.image_size), False, i
+
+
+class DecodeFailures:
+    """Rows an ImageRows loader was told have an image but that came back masked. The loader's
+    workers cannot report back, so the reason is read again here, once per failed row (few)."""
+
+    def __init__(self):
+        self.reasons: dict[int, str] = {}  # loader row -> reason
+
+    def update(self, dataset: ImageRows, present, idx) -> None:
+        for i, ok in zip(np.asarray(idx).tolist(), np.asarray(present, bool).tolist()):
+            if not ok and dataset.has_image[i]:
+                self.reasons[i] = decode_failure(dataset.paths[i]) or "failed while encoding, decodes now"
+
+    def __len__(self):
+        return len(self.reasons)
+
+
+class _DecodeCheck(torch.utils.data.Dataset):
+    def __init__(self, paths, rows):
+        self.paths, self.rows = list(paths), np.asarray(rows, int)
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, k):
+        i = int(self.rows[k])
+        return i, decode_failure(self.paths[i]) or ""
+
+
+def find_undecodable(paths, has_image, num_workers: int = 0, rank: int = 0, world_size: int = 1) -> dict[int, str]:
+    """{row: reason} for rows marked has_image whose file does not decode. Decodes in `num_workers`
+    processes; under torchrun each rank checks rows rank::world_size (gather the dicts)."""
+    rows = np.flatnonzero(np.asarray(has_image, bool))[rank::world_size]
+    if len(rows) == 0:
+        return {}
+    loader = torch.utils.data.DataLoader(_DecodeCheck(paths, rows), batch_size=64, num_workers=num_workers,
+                                         collate_fn=list)
+    return {i: reason for batch in loader for i, reason in batch if reason}
+
+
+def describe_failures(reasons: dict[int, str], sample_ids, examples: int = 5) -> str:
+    """'N image(s) failed to decode and are masked, e.g. id (reason), ...' for a log line."""
+    ids = np.asarray(sample_ids)
+    shown = "; ".join(f"{ids[i]} ({reason})" for i, reason in sorted(reasons.items())[:examples])
+    return f"{len(reasons)} image(s) failed to decode and are masked (present=false), e.g. {shown}"
 
 
 def image_loader(paths, has_image, transform, image_size, batch_size, num_workers, device, shuffle=False,
@@ -78,10 +138,13 @@ def pending_rows(writer: EmbeddingCacheWriter) -> np.ndarray:
     return np.concatenate([np.arange(start, stop) for _, start, stop in writer.pending_chunks()] or [np.zeros(0, int)])
 
 
-def encode_image_batches(encode_fn, loader, device, dtype):
-    """Yield (vectors, present) per batch from an ImageRows loader."""
+def encode_image_batches(encode_fn, loader, device, dtype, failures: DecodeFailures | None = None):
+    """Yield (vectors, present) per batch from an ImageRows loader; rows that failed to decode go
+    to `failures` (their vectors are zeroed by the cache writer through `present`)."""
     with torch.no_grad():
-        for pixels, present, _ in loader:
+        for pixels, present, idx in loader:
+            if failures is not None:
+                failures.update(loader.dataset, present.numpy(), idx.numpy())
             with autocast(device, dtype):
                 vectors = encode_fn(pixels.to(device, non_blocking=True))
             yield vectors.float().cpu().numpy(), present.numpy()

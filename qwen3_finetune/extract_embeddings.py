@@ -3,42 +3,52 @@ the embedding cache: 1024 + 3 = 1027 wide for Qwen3-Embedding-0.6B, hidden size 
 
     python -m qwen3_finetune.extract_embeddings                # train and test
     python -m qwen3_finetune.extract_embeddings split=test
+    torchrun --nproc_per_node=4 -m qwen3_finetune.extract_embeddings   # chunks sharded across GPUs
     python -m qwen3_finetune.extract_embeddings profile=tiny
 
-Resumable by chunk; rows keep the processed table's order.
+Resumable by chunk; rows keep the processed table's order. Under torchrun chunk i is encoded by
+rank i % world_size only, and rank 0 joins the chunks once every rank has written its own.
 """
 from __future__ import annotations
 
 from core.config import parse_args
+from core.distributed import barrier, cleanup, init_device
 from core.embedding_cache import EmbeddingCacheWriter
 from core.errors import run_cli
-from core.runtime import amp_dtype, pick_device, progress, setup_logging
+from core.runtime import progress, setup_logging
 from core.tables import load_table
 from qwen3_finetune.config import PROFILES, QwenConfig
 from qwen3_finetune.model import load_run, run_rows, table_inputs
 
 
 def main(cfg: QwenConfig) -> dict:
-    device = pick_device(cfg.device)
-    dtype = amp_dtype(device, cfg.precision)
+    dist, device, dtype = init_device(cfg.device, cfg.precision)
     log = setup_logging("qwen3_extract", None)
     model, scaler, tokenizer, meta = load_run(cfg, device)
     dim = model.head[0].in_features
     cache_config = {"model": cfg.model, "quantization": cfg.quantization, "pooling": model.pooling,
-                    "max_length": cfg.max_length, "checkpoint_epoch": meta["epoch"],
-                    "checkpoint_val_smape": meta["val_smape"], "run": str(cfg.out_dir / cfg.run_name)}
+                    "max_length": cfg.max_length, "checkpoint_epoch": meta.get("epoch"),
+                    "checkpoint_selection_smape": meta.get("selection_smape"), "run": str(cfg.out_dir / cfg.run_name)}
     written = {}
     for split in (["train", "test"] if cfg.split == "both" else [cfg.split]):
         table = load_table(cfg.data_dir, split)
         writer = EmbeddingCacheWriter(cfg.embeddings_dir, cfg.source_name, split, table["sample_id"].tolist(), dim,
                                       "text", model=cfg.model, config=cache_config, dtype=cfg.storage_dtype,
-                                      chunk_size=cfg.chunk_size)
-        for chunk, start, stop in progress(writer.pending_chunks(), desc=f"qwen {split} chunks"):
+                                      chunk_size=cfg.chunk_size, rank=dist.rank, world_size=dist.world_size)
+        barrier(dist)  # rank 0 has (re)created the cache folder before anyone writes into it
+        chunks = writer.pending_chunks()  # this rank's share only
+        for chunk, start, stop in progress(chunks, desc=f"qwen {split} chunks", disable=None if dist.is_main else True):
             token_ids, features = table_inputs(table.iloc[start:stop], tokenizer, scaler, cfg.max_length)
             writer.write_chunk(chunk, run_rows(model, token_ids, features, cfg.eval_batch_size,
                                                tokenizer.pad_token_id, device, dtype, want="embed"))
-        written[split] = writer.finalize()
-        log.info("%s: %d-d text vectors in %s", split, dim, written[split])
+        if dist.enabled:
+            log.info("%s: rank %d of %d encoded %d chunk(s)", split, dist.rank, dist.world_size, len(chunks))
+        barrier(dist)  # every rank's chunks are on disk
+        if dist.is_main:
+            written[split] = writer.finalize()
+            log.info("%s: %d-d text vectors in %s", split, dim, written[split])
+        barrier(dist)
+    cleanup(dist)
     return written
 
 

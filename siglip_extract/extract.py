@@ -8,7 +8,10 @@
 Writes two sources per split, `siglip_image` and `siglip_text`, with the width the model reports.
 Images go through open_clip's SigLIP transform (resize, mean/std 0.5) and the attention-pooling
 head; text is padded to the 64 tokens the text tower was trained with. Rows without a usable
-image are masked. An interrupted run resumes at the first chunk not on disk.
+image (none, or a file that fails to decode: counted and logged with sample_ids and reasons) are
+masked. When no train row has an image the image source is marked skipped
+(core.embedding_cache.mark_source_skipped) in one log line and only the text source is written.
+An interrupted run resumes at the first chunk not on disk.
 """
 from __future__ import annotations
 
@@ -18,8 +21,9 @@ import torch
 
 from core.config import parse_args
 from core.distributed import barrier, cleanup, init_device
-from core.embedding_cache import EmbeddingCacheWriter
-from core.encode import encode_image_batches, encode_text_batches, fill_cache, image_loader, pending_rows
+from core.embedding_cache import SKIPPED_FILE, EmbeddingCacheWriter, mark_source_skipped
+from core.encode import (DecodeFailures, describe_failures, encode_image_batches, encode_text_batches, fill_cache,
+                         image_loader, pending_rows)
 from core.errors import run_cli
 from core.open_clip_models import image_size_of, load_open_clip
 from core.runtime import setup_logging
@@ -41,20 +45,35 @@ def main(cfg: SiglipConfig) -> dict:
              cfg.model, image_dim, size, text_dim, context_length, device, dtype)
     cache_config = {"model": cfg.model, "pretrained": cfg.pretrained, "text_column": cfg.text_column,
                     "precision": cfg.precision, "image_size": size, "context_length": context_length}
+    train = load_table(cfg.data_dir, "train")
+    skip_images = None if train["has_image"].any() else \
+        f"no train row has an image (has_image is false for all {len(train)} rows)"
+    if skip_images and dist.is_main:
+        log.warning("siglip_extract: image source %s skipped, text only: %s", cfg.image_source, skip_images)
+        mark_source_skipped(cfg.embeddings_dir, cfg.image_source, skip_images, cache_config)
+    elif dist.is_main:  # images now: an earlier run's skip marker must not hide the new cache
+        (Path(cfg.embeddings_dir) / cfg.image_source / SKIPPED_FILE).unlink(missing_ok=True)
     written = {}
     for split in (["train", "test"] if cfg.split == "both" else [cfg.split]):
-        table = load_table(cfg.data_dir, split)
+        table = train if split == "train" else load_table(cfg.data_dir, split)
         ids = table["sample_id"].tolist()
         common = dict(model=cfg.model, config=cache_config, dtype=cfg.storage_dtype, chunk_size=cfg.chunk_size,
                       rank=dist.rank, world_size=dist.world_size)
-        image_writer = EmbeddingCacheWriter(cfg.embeddings_dir, cfg.image_source, split, ids, image_dim, "image", **common)
-        barrier(dist)
-        rows = pending_rows(image_writer)
-        loader = image_loader(table["image_path"].to_numpy()[rows], table["has_image"].to_numpy()[rows], transform,
-                              size, cfg.batch_size, cfg.num_workers, device)
-        n = fill_cache(image_writer, encode_image_batches(model.encode_image, loader, device, dtype),
-                       f"siglip image {split}")
+        writers, n = [], 0
+        if not skip_images:
+            image_writer = EmbeddingCacheWriter(cfg.embeddings_dir, cfg.image_source, split, ids, image_dim, "image", **common)
+            barrier(dist)
+            rows = pending_rows(image_writer)
+            loader = image_loader(table["image_path"].to_numpy()[rows], table["has_image"].to_numpy()[rows], transform,
+                                  size, cfg.batch_size, cfg.num_workers, device)
+            failures = DecodeFailures()
+            n = fill_cache(image_writer, encode_image_batches(model.encode_image, loader, device, dtype, failures),
+                           f"siglip image {split}")
+            if failures:
+                log.warning("siglip %s: %s", split, describe_failures(failures.reasons, table["sample_id"].to_numpy()[rows]))
+            writers.append(image_writer)
         text_writer = EmbeddingCacheWriter(cfg.embeddings_dir, cfg.text_source, split, ids, text_dim, "text", **common)
+        writers.append(text_writer)
         barrier(dist)
         rows = pending_rows(text_writer)
         texts = table[cfg.text_column].to_numpy()[rows]
@@ -62,7 +81,7 @@ def main(cfg: SiglipConfig) -> dict:
                                                         device, dtype), f"siglip text {split}")
         barrier(dist)
         if dist.is_main:
-            written[split] = [image_writer.finalize(), text_writer.finalize()]
+            written[split] = [w.finalize() for w in writers]
             log.info("%s: encoded %d images and %d texts now; caches %s", split, n, m, ", ".join(map(str, written[split])))
     barrier(dist)
     cleanup(dist)

@@ -71,3 +71,26 @@ def test_torchrun_two_processes_shard_and_merge_in_order(demo_catalog, tiny_mode
     sharded = np.load(tmp_path / "siglip_image" / "train" / "embeddings.npy")
     np.testing.assert_allclose(sharded, single, atol=2e-3)
     assert (np.load(tmp_path / "siglip_image/train/sample_ids.npy") == np.load(extracted / "siglip_image/train/sample_ids.npy")).all()
+
+
+def test_without_any_image_the_image_source_is_skipped_and_text_still_extracted(demo_catalog, tiny_models, extracted,
+                                                                                  tmp_path, capsys):
+    import pandas as pd
+
+    from core.embedding_cache import skipped_reason
+
+    data = tmp_path / "data"  # the image CDN unreachable: every has_image false
+    data.mkdir()
+    (data / "prepare.json").write_bytes((demo_catalog / "data" / "prepare.json").read_bytes())
+    for split in ("train", "test"):
+        table = pd.read_parquet(demo_catalog / "data" / f"{split}.parquet")
+        table.assign(has_image=False, image_path="").to_parquet(data / f"{split}.parquet", index=False)
+    out = tmp_path / "emb"
+    extract.main(replace(config(demo_catalog, tiny_models, out), data_dir=data))
+    log = capsys.readouterr().out
+    assert "has_image is false" in skipped_reason(out, "siglip_image")
+    assert not (out / "siglip_image" / "train").exists() and not (out / "siglip_image" / "test").exists()
+    assert len([ln for ln in log.splitlines() if "skipped" in ln and "siglip_image" in ln]) == 1, log
+    for split in ("train", "test"):  # the text half is what it would have been with images
+        text = load_embeddings(out, "siglip_text", split)
+        np.testing.assert_array_equal(text.values, load_embeddings(extracted, "siglip_text", split).values)
