@@ -1,6 +1,7 @@
 """Run every stage in order, or some of them, with one set of key=value overrides.
 
     python -m pipeline profile=tiny                    # the demo: synthetic catalog, tiny models, CPU
+    python -m pipeline profile=small raw_dir=DIR root=OUT   # real rows on a CPU: frozen MiniLM, heads, ensemble
     python -m pipeline                                 # real defaults: data/raw/{train,test}.csv, GPU
     python -m pipeline profile=tiny stages=fusion_all,report
     python -m pipeline device=cpu qwen.epochs=1        # `key=value` goes to every stage that has the key,
@@ -8,10 +9,14 @@
     python -m pipeline profile=tiny root=/tmp/demo     # every output under one folder
 
 Stages, in order: synthetic (demo only), prepare, tiny_models (demo only), siglip, clip_train,
-clip_extract, qwen_train, qwen_extract, qwen_predict, fusion_qwen_clip, fusion_all, evaluate,
-predict, report. A stage whose inputs, config and upstream stages are unchanged since its last
-successful run is skipped; one whose config (or an upstream stage) changed reruns from scratch;
-one that was interrupted resumes. The state lives in <root>/pipeline_state.json.
+clip_extract, qwen_train, qwen_extract, qwen_predict, heads, fusion_qwen_clip, fusion_all, evaluate,
+predict, ensemble, report. A stage is fingerprinted on the config fields it reads (a training stage
+ignores extraction-only fields; no stage counts placement such as `device` or batch sizes of pure
+inference), its inputs and its upstream stages. A stage whose fingerprint is unchanged since its
+last successful run is skipped; one whose fingerprint changed reruns from scratch; one that was
+interrupted resumes. The state lives in <root>/pipeline_state.json. Every model writes its
+predictions to <root>/predictions/; the ensemble blends them into <root>/test_out.csv and the
+report reads that folder alone.
 """
 from __future__ import annotations
 
@@ -30,9 +35,19 @@ import pandas as pd
 from core.config import ConfigError, field_types, parse_args, to_dict
 from core.errors import run_cli
 from core.io import read_json, write_json
-from core.metrics import format_table, smape
+from core.metrics import format_table, prices_from_log, smape
 
-ROOTS = {"tiny": Path("checkpoints/demo"), "default": Path("checkpoints")}
+ROOTS = {"tiny": Path("checkpoints/demo"), "small": Path("checkpoints/small"), "default": Path("checkpoints")}
+
+# Fields no stage's result depends on: where it runs and how many rows pure inference takes at once.
+PLACEMENT = {"device", "resume", "num_workers", "eval_batch_size", "extract_batch_size", "text_batch_size", "chunk_size"}
+# Fields only the extraction (or prediction) half of a group reads: its training stage ignores them.
+EXTRACTION_ONLY = {
+    "clip": {"split", "use_finetuned", "wise_alpha", "embeddings_dir", "source_name", "storage_dtype"},
+    "qwen": {"split", "embeddings_dir", "source_name", "storage_dtype", "predictions_dir"},
+    "qwen_clip": {"predictions_dir"},
+    "all_embeddings": {"predictions_dir"},
+}
 
 
 def root_overrides(root: Path, demo: bool) -> list[str]:
@@ -43,11 +58,19 @@ def root_overrides(root: Path, demo: bool) -> list[str]:
         tokens += [f"synthetic.out_dir={root / 'raw'}", f"prepare.raw_dir={root / 'raw'}",
                    f"siglip.model={root / 'models' / 'siglip_tiny'}", f"clip.model={root / 'models' / 'clip_tiny'}",
                    f"qwen.model={root / 'models' / 'qwen3_tiny'}"]
-    for group in ("siglip", "clip", "qwen", "qwen_clip", "all_embeddings"):
+    for group in ("siglip", "clip", "qwen", "qwen_clip", "all_embeddings", "heads"):
         tokens += [f"{group}.data_dir={root / 'data'}", f"{group}.embeddings_dir={root / 'embeddings'}"]
+    for group in ("clip", "qwen", "qwen_clip", "all_embeddings", "heads", "ensemble"):
+        tokens.append(f"{group}.predictions_dir={root / 'predictions'}")
     tokens += [f"clip.out_dir={root / 'clip_finetune'}", f"qwen.out_dir={root / 'qwen3_finetune'}",
-               f"qwen_clip.out_dir={root / 'fusion'}", f"all_embeddings.out_dir={root / 'fusion'}"]
+               f"qwen_clip.out_dir={root / 'fusion'}", f"all_embeddings.out_dir={root / 'fusion'}",
+               f"ensemble.data_dir={root / 'data'}", f"ensemble.output={root / 'test_out.csv'}"]
     return tokens
+
+
+def pick_profile(profiles: dict, name: str):
+    """A group's instance for `name`; groups without their own (e.g. `small`) start from `default`."""
+    return {**profiles, name: profiles.get(name, profiles["default"])}
 
 
 def stage_configs(profile: str, overrides: list[str], root: Path | None = None) -> dict:
@@ -55,14 +78,15 @@ def stage_configs(profile: str, overrides: list[str], root: Path | None = None) 
     from clip_finetune.config import PROFILES as CLIP, ClipConfig
     from core.tiny_models import TinyModelsConfig
     from data.config import PREPARE_PROFILES, SYNTHETIC_PROFILES, PrepareConfig, SyntheticConfig
+    from ensemble.config import PROFILES as ENSEMBLE, EnsembleConfig
     from fusion.config import FusionConfig
     from fusion.train import model_profiles
+    from heads.config import PROFILES as HEADS, HeadsConfig
     from qwen3_finetune.config import PROFILES as QWEN, QwenConfig
     from siglip_extract.config import PROFILES as SIGLIP, SiglipConfig
 
-    if root is not None:
-        overrides = root_overrides(root, profile == "tiny") + list(overrides)
     root = root or ROOTS[profile]
+    overrides = root_overrides(root, profile == "tiny") + list(overrides)
     tiny_models = TinyModelsConfig(out_dir=root / "models", data_dir=root / "data")
     specs = {  # group name -> (class, profiles, stages that use it)
         "synthetic": (SyntheticConfig, SYNTHETIC_PROFILES),
@@ -73,6 +97,8 @@ def stage_configs(profile: str, overrides: list[str], root: Path | None = None) 
         "qwen": (QwenConfig, QWEN),
         "qwen_clip": (FusionConfig, model_profiles("qwen_clip")),
         "all_embeddings": (FusionConfig, model_profiles("all_embeddings")),
+        "heads": (HeadsConfig, HEADS),
+        "ensemble": (EnsembleConfig, ENSEMBLE),
     }
     routed: dict[str, list[str]] = {name: [] for name in specs}
     for token in overrides:
@@ -88,8 +114,21 @@ def stage_configs(profile: str, overrides: list[str], root: Path | None = None) 
             raise ConfigError(f"unknown key {key!r} for every stage; use stage.key=value with a stage from {', '.join(specs)}")
         for group in takers:
             routed[group].append(token)
-    return {group: parse_args(cls, [f"profile={profile}", *routed[group]], profiles)
+    cfgs = {group: parse_args(cls, [f"profile={profile}", *routed[group]], pick_profile(profiles, profile))
             for group, (cls, profiles) in specs.items()}
+    # the caches whose encoder trained on (and chose its checkpoint with) the non-holdout folds
+    finetuned = [cfgs["qwen"].source_name] * cfgs["qwen"].finetune + [cfgs["clip"].source_name] * cfgs["clip"].use_finetuned
+    cfgs["heads"] = dataclasses.replace(cfgs["heads"], finetuned_sources=finetuned)
+    return cfgs
+
+
+def with_unseen_folds(cfg, finetuned: list[str], holdout: int):
+    """A fusion config that records which folds no fine-tuned encoder saw, from the sources it really
+    reads (a skipped source, e.g. no images, does not count)."""
+    from core.embedding_cache import skipped_reason
+
+    used = [s for s in cfg.sources if skipped_reason(cfg.embeddings_dir, s) is None]
+    return dataclasses.replace(cfg, encoder_unseen_folds=[holdout] if set(used) & set(finetuned) else None)
 
 
 def fingerprint(*parts) -> str:
@@ -104,16 +143,36 @@ class Stage:
     run: object  # fn(cfg) -> anything
     caches: tuple = ()  # embedding sources it writes, cleared when it reruns from scratch
     trainer: bool = False  # understands resume=
+    ignores: frozenset = frozenset()  # config fields of its group it does not read (besides PLACEMENT)
 
 
-def build_stages(cfgs: dict, root: Path, demo: bool) -> list[Stage]:
+def stage_settings(stage: Stage, cfg) -> dict:
+    """The part of the group's config this stage's result depends on."""
+    skip = PLACEMENT | stage.ignores
+    return {k: v for k, v in to_dict(cfg).items() if k not in skip}
+
+
+def skip_siglip(cfg) -> None:
+    """The small profile has no SigLIP weights that run offline on a CPU: both caches step aside."""
+    from core.embedding_cache import mark_source_skipped
+
+    for source in (cfg.image_source, cfg.text_source):
+        mark_source_skipped(cfg.embeddings_dir, source, "profile=small runs no SigLIP model (no CPU-sized SigLIP "
+                            "weights ship offline); give siglip.model a local folder to add it")
+    print("[pipeline] siglip: profile=small runs no SigLIP model; its sources step aside")
+
+
+def build_stages(cfgs: dict, root: Path, profile: str) -> list[Stage]:
     from clip_finetune import extract_embeddings as clip_extract, train as clip_train
     from core import tiny_models
     from data import prepare, synthetic
+    from ensemble import blend
     from fusion import evaluate_by_groups, predict_test, train as fusion_train
+    from heads import train as heads_train
     from qwen3_finetune import extract_embeddings as qwen_extract, predict as qwen_predict, train as qwen_train
     from siglip_extract import extract as siglip
 
+    demo = profile == "tiny"
     stages = []
     if demo:
         stages.append(Stage("synthetic", "synthetic", (), synthetic.main))
@@ -121,65 +180,79 @@ def build_stages(cfgs: dict, root: Path, demo: bool) -> list[Stage]:
     if demo:
         stages.append(Stage("tiny_models", "tiny_models", ("prepare",), tiny_models.main))
     models = ("tiny_models",) if demo else ()
+    fusion_models = ("qwen_clip", "all_embeddings")
+
+    def train_fusion(cfg):
+        return fusion_train.main(with_unseen_folds(cfg, cfgs["heads"].finetuned_sources, cfgs["prepare"].holdout_fold))
     stages += [
-        Stage("siglip", "siglip", ("prepare", *models), siglip.main,
+        Stage("siglip", "siglip", ("prepare", *models), skip_siglip if profile == "small" else siglip.main,
               caches=(cfgs["siglip"].image_source, cfgs["siglip"].text_source)),
-        Stage("clip_train", "clip", ("prepare", *models), clip_train.main, trainer=True),
+        Stage("clip_train", "clip", ("prepare", *models), clip_train.main, trainer=True,
+              ignores=frozenset(EXTRACTION_ONLY["clip"])),
         Stage("clip_extract", "clip", ("clip_train",), clip_extract.main, caches=(cfgs["clip"].source_name,)),
-        Stage("qwen_train", "qwen", ("prepare", *models), qwen_train.main, trainer=True),
+        Stage("qwen_train", "qwen", ("prepare", *models), qwen_train.main, trainer=True,
+              ignores=frozenset(EXTRACTION_ONLY["qwen"])),
         Stage("qwen_extract", "qwen", ("qwen_train",), qwen_extract.main, caches=(cfgs["qwen"].source_name,)),
         Stage("qwen_predict", "qwen", ("qwen_train",), qwen_predict.main),
-        Stage("fusion_qwen_clip", "qwen_clip", ("clip_extract", "qwen_extract"), fusion_train.main, trainer=True),
-        Stage("fusion_all", "all_embeddings", ("siglip", "clip_extract", "qwen_extract"), fusion_train.main, trainer=True),
+        Stage("heads", "heads", ("prepare", "siglip", "clip_extract", "qwen_extract"), heads_train.main),
+        Stage("fusion_qwen_clip", "qwen_clip", ("clip_extract", "qwen_extract"), train_fusion, trainer=True,
+              ignores=frozenset(EXTRACTION_ONLY["qwen_clip"])),
+        Stage("fusion_all", "all_embeddings", ("siglip", "clip_extract", "qwen_extract"), train_fusion,
+              trainer=True, ignores=frozenset(EXTRACTION_ONLY["all_embeddings"])),
         Stage("evaluate", "all_embeddings", ("fusion_qwen_clip", "fusion_all"),
-              lambda cfg: [evaluate_by_groups.main(c) for c in (cfgs["qwen_clip"], cfg)]),
+              lambda cfg: [evaluate_by_groups.main(cfgs[m]) for m in fusion_models]),
         Stage("predict", "all_embeddings", ("fusion_qwen_clip", "fusion_all"),
-              lambda cfg: [predict_test.main(c) for c in (cfgs["qwen_clip"], cfg)]
-              + [predict_test.main(cfg, root / "test_out.csv")]),
-        Stage("report", "all_embeddings", ("predict", "qwen_predict", "clip_extract"),
-              lambda cfg: report(cfgs, root)),
+              lambda cfg: [predict_test.main(cfgs[m]) for m in fusion_models]),
+        Stage("ensemble", "ensemble", ("heads", "predict", "qwen_predict", "clip_extract"), blend.main),
+        Stage("report", "ensemble", ("ensemble",), lambda cfg: report(cfgs, root)),
     ]
     return stages
 
 
 def report(cfgs: dict, root: Path) -> pd.DataFrame:
-    """Test SMAPE of every model that predicts, against test_labels.csv where the catalog has one
-    (the demo); validation SMAPE otherwise. Also where each output is."""
+    """Every model in <root>/predictions/, scored on the train rows it predicted out of fold (or on
+    the holdout fold), with what that figure is; test SMAPE against test_labels.csv where the
+    catalog has one (the demo)."""
+    from core.predictions import list_models, read_predictions
     from core.submission import check_submission
     from core.tables import META_FILE, load_table
 
     raw_dir = Path(read_json(Path(cfgs["prepare"].out_dir) / META_FILE)["config"]["raw_dir"])
-    submission = root / "test_out.csv"
+    submission = Path(cfgs["ensemble"].output or root / "test_out.csv")
     problems = check_submission(submission, raw_dir / "test.csv")
     if problems:
         raise ConfigError("the submission failed its check:\n  " + "\n  ".join(problems))
-    clip_run = Path(cfgs["clip"].out_dir) / cfgs["clip"].run_name
-    qwen_run = Path(cfgs["qwen"].out_dir) / cfgs["qwen"].run_name
-    fusion = {m: Path(cfgs[m].out_dir) / cfgs[m].run_name for m in ("qwen_clip", "all_embeddings")}
-    outputs = {"CLIP head (image only)": clip_run / "test_predictions.csv", "Qwen head (text only)": qwen_run / "test_out.csv",
-               "fusion qwen_clip": fusion["qwen_clip"] / "test_out.csv", "fusion all_embeddings": fusion["all_embeddings"] / "test_out.csv"}
-    validation = {"CLIP head (image only)": read_json(clip_run / "metrics.json")["val_smape"],
-                  "Qwen head (text only)": read_json(qwen_run / "metrics.json")["val_smape"],
-                  "fusion qwen_clip": read_json(fusion["qwen_clip"] / "metrics.json")["val_smape_mean"],
-                  "fusion all_embeddings": read_json(fusion["all_embeddings"] / "metrics.json")["val_smape_mean"]}
     train = load_table(cfgs["prepare"].out_dir, "train")
+    truth = train.set_index(train["sample_id"].astype(str))["price"]
+    floor = float(train["price"].min())
     labels_path = raw_dir / "test_labels.csv"
     labels = pd.read_csv(labels_path, dtype={"sample_id": str}).set_index("sample_id")["price"] if labels_path.exists() else None
-    rows = []
-    median = float(train["price"].median())
-    holdout = train[train["split"] == "val"]
-    rows.append({"model": "constant median (baseline)",
-                 "val_smape": smape(holdout["price"], np.full(len(holdout), train.loc[train["split"] == "train", "price"].median())),
-                 "test_smape": smape(labels, np.full(len(labels), median)) if labels is not None else float("nan"),
-                 "output": "-"})
-    for name, path in outputs.items():
-        pred = pd.read_csv(path, dtype={"sample_id": str}).set_index("sample_id")["price"]
-        test = smape(labels, pred.loc[labels.index]) if labels is not None else float("nan")
-        rows.append({"model": name, "val_smape": validation[name], "test_smape": test, "output": str(path)})
+    folds = train["fold"].to_numpy()
+    median_oof = np.array([train.loc[folds != f, "price"].median() for f in folds])  # median of the other folds
+    rows = [{"model": "constant median (baseline)", "figure": "out_of_fold", "rows": len(train),
+             "smape": smape(train["price"], median_oof),
+             "test_smape": smape(labels, np.full(len(labels), train["price"].median())) if labels is not None else float("nan"),
+             "how": "median price of the other folds"}]
+    for name in list_models(cfgs["ensemble"].predictions_dir):
+        preds = read_predictions(cfgs["ensemble"].predictions_dir, name)
+        meta = preds.meta
+        scored = preds.oof[preds.oof["sample_id"].isin(truth.index)]
+        figure = meta["oof_kind"]
+        pred = prices_from_log(scored["log_pred"], floor)
+        test_smape = float("nan")
+        if labels is not None:
+            test = preds.test.set_index("sample_id")["log_pred"]
+            test_smape = smape(labels, prices_from_log(test.loc[labels.index], floor))
+        rows.append({"model": name, "figure": figure + (" (nested CV)" if name == "ensemble" else ""),
+                     "rows": len(scored), "smape": smape(truth.loc[scored["sample_id"]], pred),
+                     "test_smape": test_smape, "how": meta.get("selection", "")})
     table = pd.DataFrame(rows)
     table.to_csv(root / "report.csv", index=False)
-    print("\n" + format_table(table))
-    print(f"\nsubmission: {submission} (checked against {raw_dir / 'test.csv'}); this table: {root / 'report.csv'}")
+    shown = table.drop(columns=["test_smape"]) if labels is None else table
+    print("\n" + format_table(shown))
+    print("\nout_of_fold: every train row, each predicted by a model that never trained on it; holdout: the "
+          "holdout fold only; `how` says how each model chose its checkpoint or weights.")
+    print(f"submission: {submission} (checked against {raw_dir / 'test.csv'}); this table: {root / 'report.csv'}")
     return table
 
 
@@ -193,7 +266,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise ConfigError(f"unknown profile {profile!r}; profiles: {', '.join(ROOTS)}")
     cfgs = stage_configs(profile, overrides, root_arg)
     root = root_arg or ROOTS[profile]
-    stages = build_stages(cfgs, root, demo=profile == "tiny")
+    stages = build_stages(cfgs, root, profile)
     names = [s.name for s in stages]
     if wanted:
         unknown = [w for w in wanted if w not in names]
@@ -205,7 +278,7 @@ def main(argv: list[str] | None = None) -> dict:
     timings = {}
     for stage in stages:
         cfg = cfgs[stage.group]
-        settings = {k: v for k, v in to_dict(cfg).items() if k != "resume"}
+        settings = stage_settings(stage, cfg)
         if stage.name == "prepare":  # new competition files rerun everything downstream
             settings["inputs"] = [(p.stat().st_size, p.stat().st_mtime_ns) for p in
                                   (Path(cfg.raw_dir) / "train.csv", Path(cfg.raw_dir) / "test.csv") if p.exists()]

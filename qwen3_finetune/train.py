@@ -8,7 +8,9 @@
 Input `item_name [SEP] catalog_content`, truncated to max_length and padded per batch (batches of
 similar length). The last-token (or mean) pooled vector is concatenated with the standardised
 quantity_value, unit_volume and unit_weight and fed to a regression head on log1p(price). Trains
-outside the data stage's holdout fold, validates on it each epoch, stops early. The run folder
+outside the data stage's holdout fold and chooses its checkpoint (early stopping, best/) on a seeded
+`selection_fraction` slice of those folds, so the holdout fold, on which fusion and the ensemble are
+scored, is neither trained on nor used to choose; it is scored once at the end. The run folder
 out_dir/run_name holds config.json, epoch_<k>/ and best/ (adapter + head + scaler), last.pt
 (optimizer, scheduler and loop state for resume), history.csv and metrics.json.
 """
@@ -32,10 +34,11 @@ from core.losses import get_loss, l1_log_loss
 from core.metrics import prices_from_log, smape
 from core.runs import claim_run_dir
 from core.runtime import autocast, progress, seed_everything, setup_logging, warmup_cosine
-from core.tables import STRUCTURAL_FEATURES, holdout_fold, load_table
+from core.tables import STRUCTURAL_FEATURES, encoder_rows, holdout_fold, load_table
 from qwen3_finetune.config import PROFILES, QwenConfig
 from qwen3_finetune.model import (FeatureScaler, PriceRegressor, add_lora, collate, length_batches, load_backbone,
-                                  load_tokenizer, qwen_input_text, run_rows, save_checkpoint, tokenize)
+                                  load_checkpoint, load_tokenizer, pads_left, qwen_input_text, run_rows,
+                                  save_checkpoint, tokenize)
 
 
 def main(cfg: QwenConfig) -> dict:
@@ -43,23 +46,32 @@ def main(cfg: QwenConfig) -> dict:
     run_dir = Path(cfg.out_dir) / cfg.run_name
     log = setup_logging("qwen3_finetune", run_dir if dist.is_main else None)
     finished = claim_run_dir(run_dir, cfg, write=dist.is_main)
+    if not cfg.finetune:
+        metrics = {"skipped": True, "reason": "finetune=false: the encoder stays frozen; extraction reads the base model",
+                   "complete": True}
+        log.info("%s", metrics["reason"])
+        if dist.is_main:
+            write_json(run_dir / "metrics.json", metrics)
+        cleanup(dist)
+        return metrics
     if finished:
         log.info("%s is complete for this config; nothing to do (resume=false retrains)", run_dir)
         cleanup(dist)
         return finished
     seed_everything(cfg.seed)
 
-    # data: the data stage's split, so fusion later validates on rows this encoder never saw
+    # data: the data stage's split, so fusion later validates on rows this encoder never saw nor chose with
     table = load_table(cfg.data_dir, "train")
-    is_val = (table["fold"] == holdout_fold(cfg.data_dir)).to_numpy()
+    is_fit, is_select = encoder_rows(table, holdout_fold(cfg.data_dir), cfg.selection_fraction, cfg.seed)
+    is_holdout = ~(is_fit | is_select)
     tokenizer = load_tokenizer(cfg.model)
     texts = [qwen_input_text(n, c) for n, c in zip(table["item_name"], table["catalog_content"])]
     token_ids = tokenize(tokenizer, texts, cfg.max_length)
-    scaler = FeatureScaler().fit(table.loc[~is_val, STRUCTURAL_FEATURES].to_numpy())
+    scaler = FeatureScaler().fit(table.loc[is_fit, STRUCTURAL_FEATURES].to_numpy())
     features = scaler.transform(table[STRUCTURAL_FEATURES].to_numpy())
     y = torch.tensor(table["log_price"].to_numpy(), dtype=torch.float32)
-    train_idx, val_idx = np.flatnonzero(~is_val), np.flatnonzero(is_val)
-    price_floor = float(table.loc[~is_val, "price"].min())
+    train_idx, val_idx = np.flatnonzero(is_fit), np.flatnonzero(is_select)
+    price_floor = float(table.loc[is_fit, "price"].min())
 
     # model
     backbone = add_lora(load_backbone(cfg.model, cfg.quantization, device, cfg.gradient_checkpointing), cfg)
@@ -89,7 +101,7 @@ def main(cfg: QwenConfig) -> dict:
         scheduler.load_state_dict(state["scheduler"])
         start_epoch, best, bad_epochs, history = state["epoch"] + 1, state["best"], state["bad_epochs"], state["history"]
         torch.set_rng_state(state["rng"])
-        log.info("resumed at epoch %d (best val SMAPE %.3f)", start_epoch, best)
+        log.info("resumed at epoch %d (best selection SMAPE %.3f)", start_epoch, best)
     n_trainable = sum(p.numel() for p in lora_params) + sum(p.numel() for p in model.head.parameters())
     log.info("%s (%s, LoRA r=%d, %s pooling): %s trainable parameters; %d train / %d val rows; mean %.0f tokens; "
              "device %s x%d, amp %s", cfg.model, cfg.quantization, cfg.lora_r, cfg.pooling, f"{n_trainable:,}",
@@ -97,7 +109,7 @@ def main(cfg: QwenConfig) -> dict:
 
     for epoch in range(start_epoch, cfg.epochs):
         if bad_epochs >= cfg.early_stopping_patience:
-            log.info("early stop: no better validation SMAPE in %d epochs", bad_epochs)
+            log.info("early stop: no better selection SMAPE in %d epochs", bad_epochs)
             break
         t0 = time.time()
         ddp.train()
@@ -105,9 +117,11 @@ def main(cfg: QwenConfig) -> dict:
         batches = length_batches([len(token_ids[i]) for i in train_idx], cfg.batch_size, True, cfg.seed + epoch,
                                  dist.rank, dist.world_size)
         total, count, tokens = 0.0, 0, 0
-        for step, local in enumerate(progress(batches, desc=f"qwen epoch {epoch}", disable=None if dist.is_main else True)):
+        bar = progress(batches, desc=f"qwen epoch {epoch}", disable=None if dist.is_main else True,
+                       samples_per_step=cfg.batch_size * dist.world_size, log=log)
+        for step, local in enumerate(bar):
             idx = train_idx[local]
-            ids, mask = collate(token_ids, idx, tokenizer.pad_token_id, device)
+            ids, mask = collate(token_ids, idx, tokenizer.pad_token_id, device, left=pads_left(cfg.pooling))
             with autocast(device, dtype):
                 pred = ddp(ids, mask, torch.from_numpy(features[idx]).to(device))
             loss = (l1_log_loss if use_l1 else loss_fn)(pred.float(), y[idx].to(device))
@@ -118,6 +132,7 @@ def main(cfg: QwenConfig) -> dict:
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
             total, count, tokens = total + float(loss.detach()) * len(idx), count + len(idx), tokens + int(mask.sum())
+            bar.set_postfix(loss=total / count, lr=optimizer.param_groups[0]["lr"])
         if not math.isfinite(total):
             raise FloatingPointError(f"epoch {epoch}: loss is not finite; lower lr, or use precision=bf16 on GPU")
         val_log = run_rows(model, [token_ids[i] for i in val_idx], features[val_idx], cfg.eval_batch_size,
@@ -128,10 +143,10 @@ def main(cfg: QwenConfig) -> dict:
         best, bad_epochs = (val_smape, 0) if improved else (best, bad_epochs + 1)
         seconds = time.time() - t0
         history.append({"epoch": epoch, "train_loss": total / max(count, 1), "loss": "l1_warmup" if use_l1 else cfg.loss,
-                        "val_smape": val_smape, "lr": optimizer.param_groups[0]["lr"], "seconds": seconds,
+                        "selection_smape": val_smape, "lr": optimizer.param_groups[0]["lr"], "seconds": seconds,
                         "train_tokens_per_s": tokens * dist.world_size / seconds})
         if dist.is_main:
-            meta = {"config": to_dict(cfg), "epoch": epoch, "val_smape": val_smape, "price_floor": price_floor}
+            meta = {"config": to_dict(cfg), "epoch": epoch, "selection_smape": val_smape, "price_floor": price_floor}
             save_checkpoint(run_dir / f"epoch_{epoch}", model, scaler, meta)
             if improved:
                 shutil.rmtree(run_dir / "best", ignore_errors=True)
@@ -141,16 +156,25 @@ def main(cfg: QwenConfig) -> dict:
                      "best": best, "bad_epochs": bad_epochs, "history": history, "rng": torch.get_rng_state()}
             atomic_save(lambda tmp: torch.save(state, tmp), last_path)
             atomic_save(lambda tmp: pd.DataFrame(history).to_csv(tmp, index=False), run_dir / "history.csv")
-        log.info("epoch %d  loss %.4f  val SMAPE %.3f%s  lr %.2e  %.0f tokens/s  %.1fs", epoch, history[-1]["train_loss"],
+        log.info("epoch %d  loss %.4f  selection SMAPE %.3f%s  lr %.2e  %.0f tokens/s  %.1fs", epoch, history[-1]["train_loss"],
                  val_smape, " *" if improved else "", history[-1]["lr"], history[-1]["train_tokens_per_s"], seconds)
         barrier(dist)
 
-    y_val = table["price"].to_numpy()[val_idx]
-    baseline = smape(y_val, np.full(len(val_idx), table.loc[~is_val, "price"].median()))
-    metrics = {"val_smape": best, "constant_median_val_smape": baseline, "epochs_run": len(history), "complete": True}
-    if dist.is_main:
+    metrics = {}
+    if dist.is_main:  # the chosen checkpoint, scored once on the holdout fold it never saw
+        holdout_idx = np.flatnonzero(is_holdout)
+        best_model, _ = load_checkpoint(run_dir / "best", cfg, device)
+        holdout_log = run_rows(best_model, [token_ids[i] for i in holdout_idx], features[holdout_idx],
+                               cfg.eval_batch_size, tokenizer.pad_token_id, device, dtype)
+        y_holdout = table["price"].to_numpy()[holdout_idx]
+        baseline = smape(y_holdout, np.full(len(holdout_idx), table.loc[is_fit, "price"].median()))
+        metrics = {"val_smape": smape(y_holdout, prices_from_log(holdout_log, price_floor)),
+                   "selection_smape": best, "constant_median_val_smape": baseline, "epochs_run": len(history),
+                   "selection": f"best epoch on a {cfg.selection_fraction:.0%} slice of the training folds; "
+                                "the holdout fold is unseen", "complete": True}
         write_json(run_dir / "metrics.json", metrics)
-        log.info("best validation SMAPE %.3f (constant median %.3f); best checkpoint %s", best, baseline, run_dir / "best")
+        log.info("holdout SMAPE %.3f with the checkpoint chosen on the selection slice (%.3f); constant median %.3f; "
+                 "best checkpoint %s", metrics["val_smape"], best, baseline, run_dir / "best")
     barrier(dist)
     cleanup(dist)
     return metrics

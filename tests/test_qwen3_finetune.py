@@ -13,11 +13,12 @@ import torch
 from core.embedding_cache import EmbeddingCacheWriter, load_embeddings
 from core.io import read_json
 from core.submission import check_submission
-from core.tables import STRUCTURAL_FEATURES, load_table
+from core.tables import STRUCTURAL_FEATURES, encoder_rows, load_table
 from qwen3_finetune import evaluate, extract_embeddings, predict, train
 from qwen3_finetune.config import PROFILES
 from qwen3_finetune.model import (FeatureScaler, PriceRegressor, add_lora, collate, length_batches, load_backbone,
-                                  load_checkpoint, pool, run_rows, save_checkpoint)
+                                  load_checkpoint, load_tokenizer, pool, qwen_input_text, run_rows, save_checkpoint,
+                                  tokenize)
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
@@ -119,8 +120,9 @@ def test_extraction_width_alignment_and_resume(demo_catalog, trained, tmp_path, 
         assert full.dim == 64 + 3 and full.meta["modality"] == "text"
         assert (tmp_path / "full/qwen_text" / split / "embeddings.npy").read_bytes() == \
             (tmp_path / "resumed/qwen_text" / split / "embeddings.npy").read_bytes()
-    scaled = FeatureScaler().fit(load_table(demo_catalog / "data", "train").query("fold != 0")[STRUCTURAL_FEATURES].to_numpy())
     table = load_table(demo_catalog / "data", "train")
+    fit, _ = encoder_rows(table, 0, cfg.selection_fraction, cfg.seed)
+    scaled = FeatureScaler().fit(table.loc[fit, STRUCTURAL_FEATURES].to_numpy())
     np.testing.assert_allclose(load_embeddings(tmp_path / "full", "qwen_text", "train").values[:, -3:],
                                scaled.transform(table[STRUCTURAL_FEATURES].to_numpy()), atol=2e-2)
 
@@ -153,4 +155,74 @@ def test_resume_gives_the_same_next_epoch_loss(demo_catalog, tiny_models, tmp_pa
     train.main(cfg)
     resumed = pd.read_csv(tmp_path / "b" / "tiny" / "history.csv")
     np.testing.assert_allclose(resumed["train_loss"], reference["train_loss"], rtol=1e-5)
-    np.testing.assert_allclose(resumed["val_smape"], reference["val_smape"], rtol=1e-5)
+    np.testing.assert_allclose(resumed["selection_smape"], reference["selection_smape"], rtol=1e-5)
+
+
+def test_checkpoint_is_chosen_without_the_holdout_fold(demo_catalog, tiny_models, tmp_path, monkeypatch):
+    """Every row that judges an epoch comes from the training folds; the holdout fold is scored once, at the end."""
+    judged = []
+    real = train.run_rows
+
+    def spy(model, token_ids, *args, **kwargs):
+        judged.append([tuple(t) for t in token_ids])
+        return real(model, token_ids, *args, **kwargs)
+
+    monkeypatch.setattr(train, "run_rows", spy)
+    cfg = config(demo_catalog, tiny_models, tmp_path, epochs=2, quantization="none")
+    metrics = train.main(cfg)
+    table = load_table(demo_catalog / "data", "train")
+    tokenizer = load_tokenizer(cfg.model)
+    holdout = table[table["fold"] == 0]
+    holdout_ids = {tuple(t) for t in tokenize(tokenizer, [qwen_input_text(n, c) for n, c in
+                                                         zip(holdout["item_name"], holdout["catalog_content"])], cfg.max_length)}
+    assert len(judged) == 3  # two epochs judged on the selection slice, then one holdout pass
+    for epoch_rows in judged[:2]:
+        assert not holdout_ids & set(epoch_rows)
+    assert set(judged[2]) <= holdout_ids
+    assert "holdout fold is unseen" in metrics["selection"]
+
+
+def test_frozen_encoder_steps_aside_in_training_and_extracts_base_vectors(demo_catalog, tiny_models, tmp_path):
+    cfg = config(demo_catalog, tiny_models, tmp_path, finetune=False, pooling="mean", quantization="none")
+    metrics = train.main(cfg)
+    assert metrics["skipped"] and not (tmp_path / "tiny" / "best").exists()
+    assert predict.main(cfg) is None
+    extract_embeddings.main(cfg)
+    # the vectors are the published encoder's mean-pooled output, not a fine-tuned one
+    table = load_table(demo_catalog / "data", "train").iloc[:5]
+    backbone = load_backbone(cfg.model, "none", CPU)
+    tokenizer = load_tokenizer(cfg.model)
+    ids, mask = collate(tokenize(tokenizer, [qwen_input_text(n, c) for n, c in zip(table["item_name"], table["catalog_content"])],
+                                 cfg.max_length), range(5), tokenizer.pad_token_id, CPU, left=False)
+    with torch.no_grad():
+        expected = pool(backbone(input_ids=ids, attention_mask=mask).last_hidden_state, mask, "mean")
+    cached = load_embeddings(tmp_path / "embeddings", "qwen_text", "train", table["sample_id"])
+    np.testing.assert_allclose(cached.values[:, :-3], expected.numpy(), atol=2e-2)
+
+
+def test_mean_pooling_pads_on_the_right_so_positions_do_not_shift(tiny_models):
+    """A BERT-style encoder adds absolute position embeddings: left padding would change a row's vector."""
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    bert = BertModel(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                intermediate_size=32)).eval()
+    model = PriceRegressor(bert, 16, 8, "mean")
+    rows = [[1, 5, 7, 2], [1, 9, 9, 9, 9, 9, 2]]
+    feats = np.zeros((2, 3), np.float32)
+    together = run_rows(model, rows, feats, 2, 0, CPU, None, want="embed")
+    alone = run_rows(model, rows[:1], feats[:1], 1, 0, CPU, None, want="embed")
+    np.testing.assert_allclose(together[0], alone[0], atol=1e-5)
+
+
+def test_packaged_minilm_resolves_offline_and_its_lora_targets_match():
+    from qwen3_finetune.config import PROFILES as P
+    from qwen3_finetune.model import resolve_model
+
+    small = P["small"]
+    folder = Path(resolve_model(small.model))
+    assert (folder / "config.json").exists()
+    backbone = add_lora(load_backbone(small.model, "none", CPU), small)
+    assert backbone.config.hidden_size == 384 and backbone.config.attention_probs_dropout_prob == 0.0
+    adapted = {n.rsplit(".", 1)[-1] for n, m in backbone.named_modules() if hasattr(m, "lora_A")}
+    assert adapted == set(small.lora_targets)

@@ -1,6 +1,6 @@
 """The best model (seeds 000/001): four sources, hierarchical cross-attention, mixture of experts.
 Edit these defaults, or override any field: python -m fusion.train model=all_embeddings lr=5e-4"""
-from fusion.config import FusionConfig, tiny_profile
+from fusion.config import FusionConfig, small_profile, tiny_profile
 
 CONFIG = FusionConfig(
     run_name="all_embeddings",
@@ -20,5 +20,6 @@ CONFIG = FusionConfig(
 
 PROFILES = {
     "default": CONFIG,
+    "small": small_profile(CONFIG, expert_dims=[256, 128]),
     "tiny": tiny_profile(CONFIG, expert_dims=[128, 64]),
 }

@@ -1,6 +1,6 @@
 """The two-source baseline: CLIP image + Qwen text, a branch each, concatenated, MLP head.
 Edit these defaults, or override any field: python -m fusion.train model=qwen_clip block=gated"""
-from fusion.config import FusionConfig, tiny_profile
+from fusion.config import FusionConfig, small_profile, tiny_profile
 
 CONFIG = FusionConfig(
     run_name="qwen_clip",
@@ -17,5 +17,6 @@ CONFIG = FusionConfig(
 
 PROFILES = {
     "default": CONFIG,
+    "small": small_profile(CONFIG),
     "tiny": tiny_profile(CONFIG),
 }
