@@ -6,7 +6,8 @@
 Builds a raw folder from `train` (competition format, with price) and a test file of `test_rows`
 rows (the competition's 100-row sample test, topped up with catalog texts drawn from the train
 file under new ids, so the run has the 7k/2k shape of a real job; test prices are not scored),
-runs `python -m pipeline profile=small` on it, and prints: each model's SMAPE and what the figure is
+runs `python -m pipeline profile=small` on it (images are not downloaded unless
+`download_images=true`: the competition's CDN is often out of reach), and prints: each model's SMAPE and what the figure is
 (out of fold on every train row, holdout fold only, or the blend's nested CV), the blend's SMAPE per
 price decile, and seconds per stage. Further `key=value` tokens go to the pipeline.
 """
@@ -57,7 +58,11 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     root = Path(opts["root"])
     raw = make_raw(Path(opts["train"]), root / "raw", int(opts["test_rows"]))
     t0 = time.time()
-    timings = pipeline.main(["profile=small", f"raw_dir={raw}", f"root={root}", *rest])
+    # the image links point to a CDN this machine may not reach: `download_images=true` tries them
+    download = "download_images=true" in rest
+    rest = [t for t in rest if t != "download_images=true"]
+    timings = pipeline.main(["profile=small", f"raw_dir={raw}", f"root={root}",
+                             f"prepare.download_images={str(download).lower()}", *rest])
     total = time.time() - t0
     state = read_json(root / "pipeline_state.json")
     seconds = {name: s.get("seconds") for name, s in state.items()}

@@ -83,8 +83,13 @@ def _network_failure(exc: Exception) -> tuple[str, bool]:
 
 def fetch_images(links, cache_dir: Path, base_dir: Path, download: bool = True, workers: int = 32,
                  timeout_s: float = 10.0, retries: int = 2, retry_failed: bool = False,
-                 max_bytes: int = 20_000_000) -> tuple[dict[str, ImageResult], int]:
+                 max_bytes: int = 20_000_000, give_up_after: int = 64) -> tuple[dict[str, ImageResult], int]:
     """Resolve every distinct link to a verified local image or a failure reason.
+
+    When the first `give_up_after` downloads all fail on the network (timeouts, unreachable host) the
+    machine has no route to the image host: the remaining links are skipped at once, not recorded as
+    failed, so a later run on a connected machine tries them. Without this a box with no internet
+    would wait out every timeout (hours for 75k links).
 
     Returns ({link: ImageResult}, number of images downloaded by this call)."""
     cache_dir, base_dir = Path(cache_dir), Path(base_dir)
@@ -93,6 +98,7 @@ def fetch_images(links, cache_dir: Path, base_dir: Path, download: bool = True, 
     failed: dict[str, str] = json.loads(failed_path.read_text()) if failed_path.exists() else {}
     lock = threading.Lock()
     downloaded = [0]  # network fetches that succeeded in this call
+    network_failures = [0]  # downloads that failed on the network while none has succeeded yet
 
     def resolve(link: str) -> ImageResult:
         if not link or link.lower() in ("nan", "none"):
@@ -106,6 +112,8 @@ def fetch_images(links, cache_dir: Path, base_dir: Path, download: bool = True, 
                 return ImageResult(None, f"failed:{failed[link]} (earlier run)")
             if not download:
                 return ImageResult(None, "skipped:not downloaded")
+            if not downloaded[0] and network_failures[0] >= give_up_after > 0:
+                return ImageResult(None, f"skipped:image host unreachable (the first {give_up_after} downloads failed)")
             reason = "unknown"
             for attempt in range(retries + 1):
                 try:
@@ -128,6 +136,8 @@ def fetch_images(links, cache_dir: Path, base_dir: Path, download: bool = True, 
                 return ImageResult(str(target), "ok")
             with lock:
                 failed[link] = reason
+                if reason == "timeout" or reason.startswith("unreachable"):
+                    network_failures[0] += 1
             return ImageResult(None, f"failed:{reason}")
         path = Path(urllib.parse.unquote(urllib.parse.urlparse(link).path)) if scheme == "file" else Path(link)
         if not path.is_absolute():
@@ -144,4 +154,8 @@ def fetch_images(links, cache_dir: Path, base_dir: Path, download: bool = True, 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         results = list(progress(pool.map(resolve, unique), total=len(unique), desc="images", unit="img"))
     write_json(failed_path, failed)
+    gave_up = sum(r.status.startswith("skipped:image host unreachable") for r in results)
+    if gave_up:
+        print(f"images: the first {give_up_after} downloads failed on the network and none succeeded; "
+              f"{gave_up} further link(s) skipped (run again on a machine that reaches the image host)")
     return dict(zip(unique, results)), downloaded[0]

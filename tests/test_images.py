@@ -93,3 +93,23 @@ def test_no_download_mode_uses_only_the_cache(server, tmp_path):
     base, hits = server
     results, downloaded = fetch_images([f"{base}/good9.png"], tmp_path / "c", tmp_path, download=False)
     assert results[f"{base}/good9.png"].path is None and downloaded == 0 and not hits
+
+
+def test_no_route_to_the_image_host_gives_up_early_and_records_nothing(tmp_path):
+    """A port where nothing listens stands for a machine without internet: after the first few
+    network failures the rest are skipped at once and left for a later run to try."""
+    import socket
+
+    with socket.socket() as s:  # a free port, closed again: connections are refused
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    links = [f"http://127.0.0.1:{port}/img{i}.jpg" for i in range(40)]
+    results, downloaded = fetch_images(links, tmp_path / "cache", tmp_path, workers=1, timeout_s=1.0, retries=0,
+                                       give_up_after=5)
+    statuses = [results[link].status for link in links]
+    assert downloaded == 0
+    assert all(s.startswith("failed:unreachable") for s in statuses[:5])
+    assert all(s.startswith("skipped:image host unreachable") for s in statuses[5:])
+    import json
+
+    assert len(json.loads((tmp_path / "cache" / "failed.json").read_text())) == 5
