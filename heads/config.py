@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-HEADS = ("ridge", "knn", "lgbm")
+HEADS = ("ridge", "knn", "lgbm", "lgbm_per_qty")
 
 
 @dataclass

@@ -11,6 +11,8 @@ writes `predictions_dir/<head>/` in the core.predictions format with oof_kind "o
   lgbm   LightGBM on structure, cheap text features, SVD projections, neighbour prices and the
          ridge prediction; neighbour prices and the ridge feature of its training rows are inner
          out-of-fold (they never see the scored fold nor the row's own fold)
+  lgbm_per_qty  the same LightGBM on log(price / quantity), quantity added back in log space; a row
+         without a positive quantity keeps log price (offset 0)
 """
 from __future__ import annotations
 
@@ -178,20 +180,23 @@ def knn_head(inputs: Inputs):
 
 # ---------------------------------------------------------------- lgbm
 
-def lgbm_fold_frames(inputs: Inputs, m: int, fold: int, base_train, base_test, ridge_features):
+def lgbm_fold_frames(inputs: Inputs, m: int, fold: int, base_train, base_test, ridge_features, unit_target=None):
     """(train features, test features) for the model scored on `fold`: the shared columns plus the
-    neighbour-price columns of every space and the ridge column, computed under the fold rule."""
+    neighbour-price columns of every space (and, given `unit_target`, the neighbours' log price per
+    quantity) and the ridge column, computed under the fold rule."""
     cfg = inputs.cfg
     train_cols, test_cols = {}, {}
+    targets = {"nb": inputs.y} if unit_target is None else {"nb": inputs.y, "nbq": unit_target}
     for space in ["tfidf", *inputs.sources]:
         fn = inputs.neighbours(space, cfg.neighbour_k)[m]
         k = cfg.neighbour_k
-        for name, values in neighbour_price_features(fn.train_indices[:, :k], fn.train_similarities[:, :k],
-                                                     inputs.y, cfg.distance_eps).items():
-            train_cols[f"{space}_nb_{name}"] = values
-        for name, values in neighbour_price_features(fn.test_indices[:, :k], fn.test_similarities[:, :k],
-                                                     inputs.y, cfg.distance_eps).items():
-            test_cols[f"{space}_nb_{name}"] = values
+        for tag, values_of in targets.items():
+            for name, values in neighbour_price_features(fn.train_indices[:, :k], fn.train_similarities[:, :k],
+                                                         values_of, cfg.distance_eps).items():
+                train_cols[f"{space}_{tag}_{name}"] = values
+            for name, values in neighbour_price_features(fn.test_indices[:, :k], fn.test_similarities[:, :k],
+                                                         values_of, cfg.distance_eps).items():
+                test_cols[f"{space}_{tag}_{name}"] = values
     if ridge_features is not None:
         train_cols["ridge_log_price"], test_cols["ridge_log_price"] = ridge_features[fold]
     train = pd.concat([base_train, pd.DataFrame(train_cols)], axis=1)
@@ -231,7 +236,14 @@ def lgbm_params(cfg: HeadsConfig) -> dict:
     return params
 
 
-def lgbm_head(inputs: Inputs, ridge_predictions=None):
+def quantity_offset(table: pd.DataFrame) -> np.ndarray:
+    """log(total quantity) where the catalog gives a positive one (the parsed Value, which is already
+    the pack's total: "12 Ounce (Pack of 6)" has Value 72), else 0 so the row keeps log price."""
+    q = pd.to_numeric(table["quantity_value"], errors="coerce").to_numpy(dtype=np.float64)
+    return np.where(np.isfinite(q) & (q > 0), np.log(np.where(q > 0, q, 1.0)), 0.0)
+
+
+def lgbm_head(inputs: Inputs, ridge_predictions=None, per_quantity: bool = False):
     import lightgbm as lgb
 
     cfg = inputs.cfg
@@ -240,16 +252,28 @@ def lgbm_head(inputs: Inputs, ridge_predictions=None):
     if cfg.ridge_feature:
         oof, test = ridge_predictions if ridge_predictions is not None else ridge_head(inputs)
         ridge_features = ridge_inner_features(inputs, oof, test)
+    # per quantity: log(price) less log(quantity) is learned, and the quantity is added back after
+    offset_train, offset_test = quantity_offset(inputs.train), quantity_offset(inputs.test)
+    target = np.log(inputs.price) - offset_train if per_quantity else inputs.y
+
+    def to_log1p(pred, offset):
+        return np.log1p(np.exp(pred + offset)) if per_quantity else pred
+
     oof, test, columns = np.zeros(len(inputs.y)), [], []
     for m, f in enumerate(inputs.fold_ids):
-        x_train, x_test = lgbm_fold_frames(inputs, m, f, base_train, base_test, ridge_features)
+        x_train, x_test = lgbm_fold_frames(inputs, m, f, base_train, base_test, ridge_features,
+                                           target if per_quantity else None)
         fit, scored = ~inputs.fold_mask(f), inputs.fold_mask(f)
-        data = lgb.Dataset(x_train[fit], inputs.y[fit], free_raw_data=True)
+        data = lgb.Dataset(x_train[fit], target[fit], free_raw_data=True)
         model = lgb.train(lgbm_params(cfg), data, num_boost_round=cfg.lgbm_rounds)
-        oof[scored] = model.predict(x_train[scored])
-        test.append(model.predict(x_test))
+        oof[scored] = to_log1p(model.predict(x_train[scored]), offset_train[scored])
+        test.append(to_log1p(model.predict(x_test), offset_test))
         columns = list(x_train.columns)
-    return oof, np.stack(test), {"features": columns}
+    extra = {"features": columns}
+    if per_quantity:
+        extra["target"] = "log(price / quantity_value), + log(quantity_value); log(price) where no quantity"
+        extra["rows_with_quantity"] = int((offset_train != 0).sum())
+    return oof, np.stack(test), extra
 
 
 # ---------------------------------------------------------------- main
@@ -291,7 +315,7 @@ def main(cfg: HeadsConfig) -> dict:
             oof, test = knn_head(inputs)
             spaces = [cfg.knn_space]
         else:
-            oof, test, extra = lgbm_head(inputs, ridge_predictions)
+            oof, test, extra = lgbm_head(inputs, ridge_predictions, per_quantity=head == "lgbm_per_qty")
             spaces = list(inputs.sources)
         seconds = time.time() - start
         oof_smape, fold_smape = score(inputs, oof)
