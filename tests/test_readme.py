@@ -54,6 +54,15 @@ def parse_command(module: str, args: list[str]):
         root = next((Path(a.split("=", 1)[1]) for a in args if a.startswith("root=")), None)
         rest = [a for a in args if not a.startswith(("profile=", "stages=", "root="))]
         return pipeline.stage_configs(profile, rest, root)
+    if module == "heads.train":
+        from heads.config import PROFILES as HEADS, HeadsConfig
+        return parse_args(HeadsConfig, args, HEADS)
+    if module == "ensemble.blend":
+        from ensemble.config import PROFILES as ENSEMBLE, EnsembleConfig
+        return parse_args(EnsembleConfig, args, ENSEMBLE)
+    if module == "bench.real_data":
+        own = [a for a in args if a.split("=", 1)[0] in ("train", "root", "test_rows", "download_images")]
+        return pipeline.stage_configs("small", [a for a in args if a not in own])
     if module.startswith("bench."):
         bench = importlib.import_module(module)
         cls = next(v for k, v in vars(bench).items() if k.endswith("Config") and isinstance(v, type))
@@ -69,7 +78,8 @@ def test_the_readme_shows_the_commands_of_every_stage():
     for needed in ("pipeline", "data.prepare", "data.synthetic", "data.check_submission", "siglip_extract.extract",
                    "clip_finetune.train", "clip_finetune.extract_embeddings", "qwen3_finetune.train",
                    "qwen3_finetune.evaluate", "qwen3_finetune.predict", "qwen3_finetune.extract_embeddings",
-                   "fusion.train", "fusion.evaluate_by_groups", "fusion.predict_test", "fusion.compare"):
+                   "fusion.train", "fusion.evaluate_by_groups", "fusion.predict_test", "fusion.compare",
+                   "heads.train", "ensemble.blend", "bench.real_data"):
         assert needed in modules
     assert "make demo" in COMMANDS and "make test" in COMMANDS
 
@@ -88,3 +98,35 @@ def test_each_readme_command_parses(command):
     module, args = words[2], words[3:]
     assert importlib.util.find_spec(module) is not None, module
     assert parse_command(module, args)
+
+
+def test_the_defaults_the_readme_states_are_the_configs_defaults():
+    """Each phrase below is in the README and states a default; the config must hold that value."""
+    from clip_finetune.config import ClipConfig
+    from data.config import SYNTHETIC_PROFILES
+    from fusion.all_embeddings.config import CONFIG as ALL
+    from heads.config import HeadsConfig
+    from qwen3_finetune.config import QwenConfig
+
+    clip, qwen, heads, demo = ClipConfig(), QwenConfig(), HeadsConfig(), SYNTHETIC_PROFILES["tiny"]
+    stated = {
+        "(2,000 train / 500 test rows)": (demo.n_train, demo.n_test) == (2000, 500),
+        "backbone lr 1e-5 vs\nhead lr 1e-3": (clip.lr_backbone, clip.lr_head) == (1e-5, 1e-3),
+        "first 12 of 24 blocks frozen": clip.freeze_blocks == 12,
+        "early stopping, patience 3": clip.early_stopping_patience == 3,
+        "seeded 10% slice": clip.selection_fraction == qwen.selection_fraction == ALL.selection_fraction == 0.1,
+        "LoRA r=16, alpha 32": (qwen.lora_r, qwen.lora_alpha) == (16, 32),
+        "up to 512 tokens": qwen.max_length == 512,
+        "AdamW lr 2e-4 (head 1e-3)": (qwen.lr, qwen.head_lr) == (2e-4, 1e-3),
+        "AdamW lr 1e-3, batch 256": (ALL.lr, ALL.batch_size) == (1e-3, 256),
+        "early stopping (patience 30)": ALL.early_stopping_patience == 30,
+        "mixture of 3 experts (2048 -> 1024 -> 512 -> 256 -> 1)": (ALL.n_experts, ALL.expert_dims) == (3, [1024, 512, 256]),
+        "of the 10 nearest rows": heads.knn_k == 10,
+        "of the 20 nearest rows": heads.neighbour_k == 20,
+        "a 128-d SVD of the TF-IDF and a 64-d SVD": (heads.tfidf_svd_dims, heads.embedding_svd_dims) == (128, 64),
+        "LightGBM (L1 on log price": heads.lgbm_objective == "l1",
+    }
+    flat = " ".join(README.split())
+    for phrase, holds in stated.items():
+        assert " ".join(phrase.split()) in flat, f"the README no longer says {phrase!r}"
+        assert holds, f"the README says {phrase!r}, the config says otherwise"
