@@ -65,8 +65,9 @@ def tiny_profile(cfg: FusionConfig, **changes) -> FusionConfig:
 
 def small_profile(cfg: FusionConfig, **changes) -> FusionConfig:
     """Real rows on a CPU (`profile=small`, ~7k train rows): every fold trained, so the ensemble gets
-    out-of-fold predictions; widths sized for thousands of rows, not the seed's 75k."""
-    return replace(cfg, data_dir=Path("checkpoints/small/data"), embeddings_dir=Path("checkpoints/small/embeddings"),
+    out-of-fold predictions; widths sized for thousands of rows, not the seed's 75k; the heads'
+    price-free tabular cache (structure, text counts, TF-IDF SVD) as one more source."""
+    return replace(cfg, sources=[*cfg.sources, "text_tabular"], data_dir=Path("checkpoints/small/data"), embeddings_dir=Path("checkpoints/small/embeddings"),
                    out_dir=Path("checkpoints/small/fusion"), predictions_dir=Path("checkpoints/small/predictions"),
                    folds="all", hidden_dim=128, n_heads=4, batch_size=128, epochs=80, early_stopping_patience=10,
                    plateau_patience=3, dropout=0.2, **changes)

@@ -44,6 +44,10 @@ class HeadsConfig:
     lgbm_bagging_fraction: float = 0.8
     lgbm_lambda_l2: float = 1.0
     lgbm_threads: int = 0  # 0: every core
+    # a cache of the price-free columns (structure, text counts, TF-IDF SVD) for fusion's tabular source;
+    # empty: none
+    tabular_source: str = "text_tabular"
+    tabular_svd_dims: int = 256
     # runtime
     chunk_size: int = 2048  # query rows per similarity block (memory: chunk_size x n_train floats)
     device: str = "auto"  # auto | cpu | cuda: where the neighbour search runs
@@ -57,6 +61,7 @@ PROFILES = {
                          lgbm_learning_rate=0.03, lgbm_num_leaves=31, lgbm_threads=1, chunk_size=1024),
     # the demo's folders and tiny settings, for the demo and tests
     "tiny": HeadsConfig(data_dir=Path("checkpoints/demo/data"), embeddings_dir=Path("checkpoints/demo/embeddings"),
+                        tabular_svd_dims=32,
                         predictions_dir=Path("checkpoints/demo/predictions"), word_max_features=20_000,
                         char_max_features=20_000, tfidf_svd_dims=16, embedding_svd_dims=8, knn_k=5, neighbour_k=5,
                         lgbm_rounds=150, lgbm_learning_rate=0.08, lgbm_num_leaves=15, lgbm_min_child_samples=10,

@@ -276,6 +276,37 @@ def lgbm_head(inputs: Inputs, ridge_predictions=None, per_quantity: bool = False
     return oof, np.stack(test), extra
 
 
+def write_tabular_cache(inputs: Inputs, log) -> None:
+    """The price-free columns (structure, cheap text features, the TF-IDF's SVD) as an embedding cache
+    of modality `tabular`, so fusion can read the catalog's sparse text signal beside the encoders'
+    vectors. Signed log1p, then standardised with the train rows' statistics; a unit is one-hot."""
+    from core.embedding_cache import EmbeddingCacheWriter
+
+    cfg = inputs.cfg
+    units = sorted(inputs.train["unit"].astype(str).unique().tolist())
+    parts = []
+    for table in (inputs.train, inputs.test):
+        tab = tabular_features(table, units)
+        onehot = pd.get_dummies(tab.pop("unit"), prefix="unit", dtype=np.float32)
+        numeric = tab.to_numpy(dtype=np.float64)
+        parts.append([np.sign(numeric) * np.log1p(np.abs(numeric)), onehot.to_numpy()])
+    svd_train, svd_test = svd_projection(*inputs.tfidf, cfg.tabular_svd_dims, cfg.seed)
+    mean = np.nanmean(parts[0][0], axis=0)
+    std = np.nanstd(parts[0][0], axis=0) + 1e-6
+    scale = np.abs(svd_train).std() + 1e-6
+    for (numeric, onehot), svd, split, ids in zip(parts, (svd_train, svd_test), ("train", "test"),
+                                                  (inputs.train_ids, inputs.test_ids)):
+        values = np.hstack([np.nan_to_num((numeric - mean) / std), onehot, svd / scale]).astype(np.float32)
+        writer = EmbeddingCacheWriter(cfg.embeddings_dir, cfg.tabular_source, split, ids, values.shape[1], "tabular",
+                                      model="tfidf_svd+structure", config=to_dict(cfg), dtype="float32",
+                                      chunk_size=max(len(ids), 1))
+        for chunk, start, stop in writer.pending_chunks():
+            writer.write_chunk(chunk, values[start:stop])
+        writer.finalize()
+    log.info("wrote the %s cache: %d columns (structure, text counts, %d-d TF-IDF SVD)", cfg.tabular_source,
+             values.shape[1], svd_train.shape[1])
+
+
 # ---------------------------------------------------------------- main
 
 def encoder_unseen_folds(inputs: Inputs, spaces: list[str]) -> list[int]:
@@ -299,6 +330,8 @@ def main(cfg: HeadsConfig) -> dict:
     log.info("%d train rows in %d folds, %d test rows; heads %s; device %s", len(inputs.y), len(inputs.fold_ids),
              len(inputs.test_ids), ",".join(cfg.heads), inputs.device)
 
+    if cfg.tabular_source:
+        write_tabular_cache(inputs, log)
     baseline = np.zeros(len(inputs.y))
     for f in inputs.fold_ids:
         baseline[inputs.fold_mask(f)] = np.median(inputs.y[~inputs.fold_mask(f)])

@@ -261,3 +261,21 @@ def test_per_quantity_head_needs_a_quarter_of_the_rows(tmp_path):
     # on a quarter of the rows the per-quantity head still beats it (measured: about 22 against 24)
     assert per_qty["oof_smape"] < direct, (per_qty["oof_smape"], direct)
     assert per_qty["rows_with_quantity"] == 195
+
+
+def test_tabular_cache_for_fusion_holds_no_price(tmp_path):
+    """The same text with shuffled prices gives the same cache bytes: nothing in it comes from a price."""
+    from core.embedding_cache import load_embeddings
+
+    train_df, test_df = planted_tables(n_train=200, n_test=30)
+    cfg, _ = run_heads(tmp_path / "a", train_df, test_df, heads="ridge")
+    shuffled = train_df.copy()
+    shuffled["price"] = np.random.default_rng(0).permutation(shuffled["price"].to_numpy())
+    shuffled["log_price"] = np.log1p(shuffled["price"])
+    cfg_b, _ = run_heads(tmp_path / "b", shuffled, test_df, heads="ridge")
+    for split in ("train", "test"):
+        a = (tmp_path / "a" / "embeddings" / "text_tabular" / split / "embeddings.npy").read_bytes()
+        assert a == (tmp_path / "b" / "embeddings" / "text_tabular" / split / "embeddings.npy").read_bytes()
+    cached = load_embeddings(tmp_path / "a" / "embeddings", "text_tabular", "train", train_df["sample_id"])
+    assert cached.meta["modality"] == "tabular" and cached.present.all()
+    assert cached.dim > cfg.tabular_svd_dims and np.isfinite(cached.values).all()
