@@ -76,7 +76,7 @@ def pick_profile(profiles: dict, name: str):
 def stage_configs(profile: str, overrides: list[str], root: Path | None = None) -> dict:
     """Each stage's resolved config, with overrides routed by key (or by `stage.key`)."""
     from clip_finetune.config import PROFILES as CLIP, ClipConfig
-    from core.tiny_models import TinyModelsConfig
+    from data.tiny_models import TinyModelsConfig
     from data.config import PREPARE_PROFILES, SYNTHETIC_PROFILES, PrepareConfig, SyntheticConfig
     from ensemble.config import PROFILES as ENSEMBLE, EnsembleConfig
     from fusion.config import FusionConfig
@@ -164,7 +164,7 @@ def skip_siglip(cfg) -> None:
 
 def build_stages(cfgs: dict, root: Path, profile: str) -> list[Stage]:
     from clip_finetune import extract_embeddings as clip_extract, train as clip_train
-    from core import tiny_models
+    from data import tiny_models
     from data import prepare, synthetic
     from ensemble import blend
     from fusion import evaluate_by_groups, predict_test, train as fusion_train

@@ -13,7 +13,9 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-DEFAULT_THRESHOLDS = (5.0, 10.0, 30.0, 60.0, 200.0)
+from core.metrics import PRICE_BIN_EDGES
+
+DEFAULT_THRESHOLDS = PRICE_BIN_EDGES  # the tiers are the report's price bins
 DEFAULT_TIER_WEIGHTS = (10.0, 8.0, 6.0, 4.0, 2.0, 1.0)
 
 

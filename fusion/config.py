@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from core.losses import DEFAULT_THRESHOLDS, DEFAULT_TIER_WEIGHTS
+
 
 @dataclass
 class FusionConfig:
@@ -30,8 +32,8 @@ class FusionConfig:
     dropout: float = 0.25
     # loss, in log1p(price) space
     loss: str = "weighted_smape"  # weighted_smape | smape | focal_smape | huber_smape | l1 | mse
-    price_thresholds: list[float] = field(default_factory=lambda: [5.0, 10.0, 30.0, 60.0, 200.0])
-    tier_weights: list[float] = field(default_factory=lambda: [10.0, 8.0, 6.0, 4.0, 2.0, 1.0])
+    price_thresholds: list[float] = field(default_factory=lambda: list(DEFAULT_THRESHOLDS))  # tier edges, $
+    tier_weights: list[float] = field(default_factory=lambda: list(DEFAULT_TIER_WEIGHTS))  # one per tier, cheapest first
     l1_warmup_epochs: int = 3  # L1 on log price first: SMAPE's gradient vanishes on large errors
     # optimisation
     batch_size: int = 256

@@ -68,7 +68,7 @@ def planted(demo_catalog):
 @pytest.fixture(scope="session")
 def tiny_models(demo_catalog):
     """Tiny CLIP, SigLIP and Qwen3 folders (random weights, tokenizers trained on the demo texts)."""
-    from core.tiny_models import TinyModelsConfig, main
+    from data.tiny_models import TinyModelsConfig, main
 
     return main(TinyModelsConfig(out_dir=demo_catalog / "models", data_dir=demo_catalog / "data"))
 

@@ -8,7 +8,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def build(folder: Path, data_dir: Path):
-    code = ("from core.tiny_models import TinyModelsConfig, main; "
+    code = ("from data.tiny_models import TinyModelsConfig, main; "
             f"main(TinyModelsConfig(out_dir=__import__('pathlib').Path({str(folder)!r}), "
             f"data_dir=__import__('pathlib').Path({str(data_dir)!r})))")
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, capture_output=True)

@@ -1,6 +1,6 @@
 """Build the tiny models the demo and tests use (random weights, tokenizers trained in-process).
 
-    python -m core.tiny_models out_dir=checkpoints/demo/models data_dir=checkpoints/demo/data
+    python -m data.tiny_models out_dir=checkpoints/demo/models data_dir=checkpoints/demo/data
 
 Writes clip_tiny/, siglip_tiny/ (open_clip folders) and qwen3_tiny/ (a Hugging Face Qwen3 folder
 with its tokenizer). Each is loaded by the same code a real run uses for a real model folder.
