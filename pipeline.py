@@ -239,6 +239,11 @@ def report(cfgs: dict, root: Path) -> pd.DataFrame:
         meta = preds.meta
         scored = preds.oof[preds.oof["sample_id"].isin(truth.index)]
         figure = meta["oof_kind"]
+        unseen = meta.get("encoder_unseen_folds")
+        if unseen is not None and set(unseen) != set(folds.tolist()):
+            # the other folds' rows fed a fine-tuned encoder that trained on them: scoring them would flatter
+            scored = scored[scored["fold"].isin(unseen)]
+            figure += f", fold {','.join(map(str, unseen))} only"
         pred = prices_from_log(scored["log_pred"], floor)
         test_smape = float("nan")
         if labels is not None:
@@ -252,7 +257,8 @@ def report(cfgs: dict, root: Path) -> pd.DataFrame:
     shown = table.drop(columns=["test_smape"]) if labels is None else table
     print("\n" + format_table(shown))
     print("\nout_of_fold: every train row, each predicted by a model that never trained on it; holdout: the "
-          "holdout fold only; `how` says how each model chose its checkpoint or weights.")
+          "holdout fold only; 'fold k only': the rows no fine-tuned encoder saw; `how` says how each model chose "
+          "its checkpoint or weights.")
     print(f"submission: {submission} (checked against {raw_dir / 'test.csv'}); this table: {root / 'report.csv'}")
     return table
 
