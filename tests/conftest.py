@@ -25,8 +25,10 @@ def demo_catalog(tmp_path_factory):
 
 
 def write_planted_caches(embeddings_dir, data_dir, raw_dir, seed=0, sources=None):
-    """Caches whose vectors carry log price: 'img' and 'txt' each see it through independent noise,
-    'noise' carries none. Missing images are masked as a real extraction would mask them."""
+    """Caches whose vectors carry log price so that every signal source is needed: 'img' sees half of
+    it plus a per-row nuisance, 'txt' the other half minus that nuisance, so either alone is weak and
+    the two together recover it; 'noise' carries none. Missing images are masked as a real
+    extraction would mask them."""
     import numpy as np
     import pandas as pd
 
@@ -39,6 +41,7 @@ def write_planted_caches(embeddings_dir, data_dir, raw_dir, seed=0, sources=None
         table = load_table(data_dir, split)
         ids = table["sample_id"].astype(str).tolist()
         log_price = np.log1p(table["price"].to_numpy() if split == "train" else labels.loc[ids].to_numpy())
+        nuisance = np.random.default_rng(seed * 100 + 50 + (7 if split == "test" else 0)).normal(0, 0.8, len(ids))
         for k, (name, (modality, dim, noise)) in enumerate(sources.items()):
             rng = np.random.default_rng(seed * 100 + k)
             direction = rng.normal(size=(2, dim))
@@ -46,7 +49,8 @@ def write_planted_caches(embeddings_dir, data_dir, raw_dir, seed=0, sources=None
             if noise is None:
                 vectors = rng_rows.normal(size=(len(ids), dim))
             else:
-                signal = (log_price - 2.6) + rng_rows.normal(0, noise, len(ids))
+                share = 0.5 * (log_price - 2.6) + (nuisance if modality == "image" else -nuisance)
+                signal = share + rng_rows.normal(0, noise * 0.5, len(ids))
                 vectors = np.outer(signal, direction[0]) + np.outer(np.tanh(signal), direction[1])
                 vectors += rng_rows.normal(0, 0.3, vectors.shape)
             present = table["has_image"].to_numpy() if modality == "image" else np.ones(len(ids), bool)

