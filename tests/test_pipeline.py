@@ -40,6 +40,20 @@ def test_every_stage_runs_and_fusion_beats_the_constant_baseline_on_test_labels(
     assert check_submission(root / "test_out.csv", root / "raw" / "test.csv") == []
 
 
+def test_the_image_source_carries_signal_the_text_lacks(demo_run, tmp_path):
+    """The demo's images hold price factors (colour, shape, a premium frame) that the text never states:
+    the two-source fusion model must beat the same model on the text vectors alone."""
+    import dataclasses
+
+    from fusion import train as fusion_train
+
+    root, _ = demo_run  # runs before the tests that change the demo's settings
+    cfg = dataclasses.replace(pipeline.stage_configs("tiny", SMALL, root)["qwen_clip"], out_dir=tmp_path,
+                              predictions_dir=tmp_path / "predictions")
+    both = fusion_train.main(dataclasses.replace(cfg, run_name="both"))["val_smape_mean"]
+    text_only = fusion_train.main(dataclasses.replace(cfg, run_name="text", sources=["qwen_text"]))["val_smape_mean"]
+    assert both < text_only - 2, (both, text_only)
+
 def test_rerun_skips_complete_stages_and_reruns_a_changed_one(demo_run):
     root, _ = demo_run
     assert list(pipeline.main(["profile=tiny", f"root={root}", *SMALL])) == ["report"]
@@ -91,3 +105,4 @@ def test_a_catalog_without_one_usable_image_completes(tmp_path, capsys):
     table = pd.read_csv(root / "report.csv").set_index("model")
     assert "clip_head" not in table.index and "all_embeddings" in table.index
     assert read_json(root / "predictions" / "all_embeddings" / "meta.json")["sources"] == ["siglip_text", "qwen_text"]
+
