@@ -37,7 +37,7 @@ from core.io import atomic_save, write_json
 from core.losses import get_loss, l1_log_loss
 from core.metrics import format_table, price_bin_report, prices_from_log, smape
 from core.open_clip_models import image_size_of, load_open_clip
-from core.runs import claim_run_dir
+from core.runs import claim_run_dir, load_last, save_last
 from core.runtime import autocast, progress, seed_everything, setup_logging, warmup_cosine
 from core.tables import encoder_rows, holdout_fold, load_table
 
@@ -156,13 +156,11 @@ def main(cfg: ClipConfig) -> dict:
 
     start_epoch, best, bad_epochs, history = 0, math.inf, 0, []
     last_path = run_dir / "last.pt"
-    if cfg.resume and last_path.exists():
-        state = torch.load(last_path, map_location="cpu", weights_only=False)
+    if (state := load_last(last_path, cfg)) is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start_epoch, best, bad_epochs, history = state["epoch"] + 1, state["best"], state["bad_epochs"], state["history"]
-        torch.set_rng_state(state["rng"])
         log.info("resumed at epoch %d (best selection SMAPE %.3f)", start_epoch, best)
     log.info("%s: %d-d image vectors at %d px; %s trainable backbone parameters; %d fit / %d select / %d holdout "
              "images (%d train rows without a usable image left out); device %s x%d, amp %s", cfg.model, embed_dim,
@@ -224,10 +222,9 @@ def main(cfg: ClipConfig) -> dict:
                         "price_median": price_median}
                 atomic_save(lambda tmp: torch.save(ckpt, tmp), run_dir / "best.pt")
                 write_json(run_dir / "best.json", {k: v for k, v in ckpt.items() if k not in ("visual", "head")})
-            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                     "epoch": epoch, "best": best, "bad_epochs": bad_epochs, "history": history, "rng": torch.get_rng_state()}
-            atomic_save(lambda tmp: torch.save(state, tmp), last_path)
-            atomic_save(lambda tmp: pd.DataFrame(history).to_csv(tmp, index=False), run_dir / "history.csv")
+            save_last(last_path, cfg, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                       "scheduler": scheduler.state_dict(), "epoch": epoch, "best": best,
+                                       "bad_epochs": bad_epochs}, history)
         log.info("epoch %2d  loss %.4f  select SMAPE %.3f%s  lr %.2e  %.1fs", epoch, history[-1]["train_loss"],
                  select_smape, " *" if improved else "", history[-1]["lr_backbone"], history[-1]["seconds"])
         barrier(dist)

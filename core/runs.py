@@ -46,3 +46,32 @@ def claim_run_dir(run_dir: Path, cfg, write: bool = True, outputs=()) -> dict | 
     if cfg.resume and done.exists() and read_json(done).get("complete"):
         return read_json(done)
     return None
+
+
+def save_last(path: Path, cfg, state: dict, history: list) -> None:
+    """The resume state (weights, optimiser, loop counters in `state`) with the history, the RNG and the
+    config it was made under, and history.csv beside it. Every trainer saves through here."""
+    import pandas as pd
+    import torch
+
+    from core.io import atomic_save
+
+    path = Path(path)
+    full = {**state, "history": history, "rng": torch.get_rng_state(), "config": to_dict(cfg)}
+    atomic_save(lambda tmp: torch.save(full, tmp), path)
+    atomic_save(lambda tmp: pd.DataFrame(history).to_csv(tmp, index=False), path.parent / "history.csv")
+
+
+def load_last(path: Path, cfg, map_location="cpu") -> dict | None:
+    """The state `save_last` wrote, when `cfg.resume` and it exists, with the RNG restored; None
+    otherwise. A state made under another config is refused rather than silently continued."""
+    import torch
+
+    path = Path(path)
+    if not cfg.resume or not path.exists():
+        return None
+    state = torch.load(path, map_location=map_location, weights_only=False)
+    if not same_settings(state.get("config", {}), to_dict(cfg)):
+        raise ConfigError(f"{path} was made with another config; use a new run_name or resume=false")
+    torch.set_rng_state(state["rng"])
+    return state

@@ -29,12 +29,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from core.config import ConfigError, same_settings, parse_args, to_dict
+from core.config import ConfigError, parse_args, to_dict
 from core.errors import run_cli
 from core.io import atomic_save, read_json, write_json
 from core.losses import get_loss, l1_log_loss
 from core.metrics import format_table, price_bin_report, prices_from_log, smape
-from core.runs import claim_run_dir, is_fresh_start
+from core.runs import claim_run_dir, is_fresh_start, load_last, save_last
 from core.runtime import amp_dtype, autocast, pick_device, progress, seed_everything, setup_logging
 from core.tables import encoder_rows, holdout_fold, load_table, n_folds
 from fusion.config import FusionConfig
@@ -120,16 +120,12 @@ def train_fold(cfg: FusionConfig, fold: int, table: pd.DataFrame, inputs: Fusion
     loss_fn = get_loss(cfg.loss, cfg.price_thresholds, cfg.tier_weights)
     start_epoch, best, best_epoch, bad_epochs, history = 0, math.inf, -1, 0, []
     last_path = fold_dir / "last.pt"
-    if cfg.resume and last_path.exists():
-        state = torch.load(last_path, map_location=device, weights_only=False)
-        if not same_settings(state["config"], to_dict(cfg)):
-            raise ConfigError(f"{last_path} was made with another config; use a new run_name or resume=false")
+    if (state := load_last(last_path, cfg, map_location=device)) is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start_epoch, best, best_epoch = state["epoch"] + 1, state["best"], state["best_epoch"]
         bad_epochs, history = state["bad_epochs"], state["history"]
-        torch.set_rng_state(state["rng"])
         log.info("fold %d: resumed at epoch %d (best selection SMAPE %.3f at epoch %d)", fold, start_epoch, best,
                  best_epoch)
     log.info("fold %d: %d train / %d selection / %d scored rows (selection=%s), %s parameters, device %s, amp %s",
@@ -186,11 +182,9 @@ def train_fold(cfg: FusionConfig, fold: int, table: pd.DataFrame, inputs: Fusion
         log.info("fold %d epoch %3d  loss %.4f  selection SMAPE %.3f%s  lr %.2e  %.1fs%s", fold, epoch,
                  row["train_loss"], select_smape, " *" if improved else "", row["lr"], row["seconds"],
                  f"  expert load {row['expert_load']}" if loads else "")
-        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                 "epoch": epoch, "best": best, "best_epoch": best_epoch, "bad_epochs": bad_epochs, "history": history,
-                 "rng": torch.get_rng_state(), "config": to_dict(cfg)}
-        atomic_save(lambda tmp: torch.save(state, tmp), last_path)
-        atomic_save(lambda tmp: pd.DataFrame(history).to_csv(tmp, index=False), fold_dir / "history.csv")
+        save_last(last_path, cfg, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                   "scheduler": scheduler.state_dict(), "epoch": epoch, "best": best,
+                                   "best_epoch": best_epoch, "bad_epochs": bad_epochs}, history)
 
     # the scored fold is predicted once, with the chosen checkpoint
     model, _ = load_checkpoint(fold_dir / "best.pt", device)

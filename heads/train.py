@@ -17,7 +17,6 @@ writes `predictions_dir/<head>/` in the core.predictions format with oof_kind "o
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -30,7 +29,7 @@ from core.runtime import pick_device, seed_everything, setup_logging
 from core.tables import holdout_fold, load_table
 from heads.config import HEADS, PROFILES, HeadsConfig
 from heads.features import available_sources, svd_projection, tabular_features, tfidf_matrices
-from heads.neighbours import NO_NEIGHBOUR, fold_neighbours, neighbour_price_features
+from heads.neighbours import fold_neighbours, neighbour_price_features
 
 SELECTION = "fixed hyperparameters from the config; no early stopping or model choice on the scored fold"
 

@@ -22,17 +22,16 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
 from core.config import parse_args, to_dict
 from core.distributed import barrier, cleanup, init_device
 from core.errors import run_cli
-from core.io import atomic_save, write_json
+from core.io import write_json
 from core.losses import get_loss, l1_log_loss
 from core.metrics import prices_from_log, smape
-from core.runs import claim_run_dir
+from core.runs import claim_run_dir, load_last, save_last
 from core.runtime import autocast, progress, seed_everything, setup_logging, warmup_cosine
 from core.tables import STRUCTURAL_FEATURES, encoder_rows, holdout_fold, load_table
 from qwen3_finetune.config import PROFILES, QwenConfig
@@ -93,14 +92,12 @@ def main(cfg: QwenConfig) -> dict:
 
     start_epoch, best, bad_epochs, history = 0, math.inf, 0, []
     last_path = run_dir / "last.pt"
-    if cfg.resume and last_path.exists():
-        state = torch.load(last_path, map_location="cpu", weights_only=False)
+    if (state := load_last(last_path, cfg)) is not None:
         set_peft_model_state_dict(backbone, state["adapter"])
         model.head.load_state_dict(state["head"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start_epoch, best, bad_epochs, history = state["epoch"] + 1, state["best"], state["bad_epochs"], state["history"]
-        torch.set_rng_state(state["rng"])
         log.info("resumed at epoch %d (best selection SMAPE %.3f)", start_epoch, best)
     n_trainable = sum(p.numel() for p in lora_params) + sum(p.numel() for p in model.head.parameters())
     log.info("%s (%s, LoRA r=%d, %s pooling): %s trainable parameters; %d train / %d val rows; mean %.0f tokens; "
@@ -151,11 +148,9 @@ def main(cfg: QwenConfig) -> dict:
             if improved:
                 shutil.rmtree(run_dir / "best", ignore_errors=True)
                 shutil.copytree(run_dir / f"epoch_{epoch}", run_dir / "best")
-            state = {"adapter": get_peft_model_state_dict(backbone), "head": model.head.state_dict(),
-                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch,
-                     "best": best, "bad_epochs": bad_epochs, "history": history, "rng": torch.get_rng_state()}
-            atomic_save(lambda tmp: torch.save(state, tmp), last_path)
-            atomic_save(lambda tmp: pd.DataFrame(history).to_csv(tmp, index=False), run_dir / "history.csv")
+            save_last(last_path, cfg, {"adapter": get_peft_model_state_dict(backbone), "head": model.head.state_dict(),
+                                       "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                                       "epoch": epoch, "best": best, "bad_epochs": bad_epochs}, history)
         log.info("epoch %d  loss %.4f  selection SMAPE %.3f%s  lr %.2e  %.0f tokens/s  %.1fs", epoch, history[-1]["train_loss"],
                  val_smape, " *" if improved else "", history[-1]["lr"], history[-1]["train_tokens_per_s"], seconds)
         barrier(dist)
