@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -44,3 +45,17 @@ def atomic_save(write_fn, path: Path) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+# Bytes that are not valid UTF-8, as a file opened with errors="surrogateescape" decodes them.
+UNDECODABLE = re.compile("[\udc80-\udcff]")
+
+
+def undecodable_bytes(text: str) -> str:
+    """The first bytes of `text` that were not valid UTF-8, as \\xNN escapes ('' when there are none)."""
+    return "".join(f"\\x{ord(c) - 0xDC00:02x}" for c in UNDECODABLE.findall(text)[:4])
+
+
+def escaped(text: str) -> str:
+    """`text` with each byte that was not valid UTF-8 written as \\xNN, safe to print."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")

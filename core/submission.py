@@ -4,42 +4,33 @@ from __future__ import annotations
 import csv
 import io
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from core.errors import PipelineError
-from core.io import atomic_write_text
+from core.io import atomic_write_text, escaped, undecodable_bytes
 
 HEADER = ["sample_id", "price"]
 BOM = "\ufeff"
-# Bytes that are not valid UTF-8, as `errors="surrogateescape"` decodes them.
-_UNDECODABLE = re.compile("[\udc80-\udcff]")
 
 
 class SubmissionError(PipelineError, ValueError):
     pass
 
 
-def _escaped(text: str) -> str:
-    """`text` with each byte that was not valid UTF-8 written as \\xNN, safe to print."""
-    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-
-
 def _not_utf8(path: Path, rows, id_column: int | None, max_listed: int = 5) -> None:
     """Raise naming each (line, row) of `rows` that holds bytes that are not valid UTF-8."""
     path, bad = Path(path), []
     for line, row in rows:
-        found = _UNDECODABLE.findall("".join(row))
-        if found:
-            shown = "".join(f"\\x{ord(c) - 0xDC00:02x}" for c in found[:4])
+        shown = undecodable_bytes("".join(row))
+        if shown:
             if line == 1:
                 bad.append(f"{path.name} line 1 (the header): byte(s) {shown}")
             else:
                 sid = row[id_column].strip() if id_column is not None and id_column < len(row) else "?"
-                bad.append(f"{path.name} line {line} (sample_id {_escaped(sid)}): byte(s) {shown}")
+                bad.append(f"{path.name} line {line} (sample_id {escaped(sid)}): byte(s) {shown}")
     if bad:
         more = f"\n  ... and {len(bad) - max_listed} more" if len(bad) > max_listed else ""
         raise SubmissionError(f"{path}: expected UTF-8 text, but {len(bad)} row(s) hold bytes that are not valid "

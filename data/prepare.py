@@ -12,7 +12,6 @@ from __future__ import annotations
 import csv
 import logging
 import math
-import re
 from collections import Counter
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import pandas as pd
 
 from core.config import parse_args, to_dict
 from core.errors import PipelineError, run_cli
-from core.io import atomic_save, read_json, write_json
+from core.io import atomic_save, escaped, read_json, undecodable_bytes, write_json
 from core.runtime import progress, setup_logging
 from core.tables import META_FILE
 from data.catalog import model_text, normalise_unit, parse_catalog, structural_features
@@ -29,23 +28,11 @@ from data.config import PREPARE_PROFILES, PrepareConfig
 from data.images import fetch_images
 
 REQUIRED = ["sample_id", "catalog_content", "image_link"]
-# Bytes that are not valid UTF-8, as `errors="surrogateescape"` decodes them.
-UNDECODABLE = re.compile("[\udc80-\udcff]")
 NOT_UTF8_HINT = "(the file is not UTF-8: it was probably saved as Latin-1 or Windows-1252; save it as UTF-8)"
 
 
 class DataValidationError(PipelineError, ValueError):
     pass
-
-
-def undecodable_bytes(text: str) -> str:
-    """The bytes of `text` that were not valid UTF-8, as \\xNN escapes ('' when there are none)."""
-    return "".join(f"\\x{ord(c) - 0xDC00:02x}" for c in UNDECODABLE.findall(text)[:4])
-
-
-def escaped(text: str) -> str:
-    """`text` with each byte that was not valid UTF-8 written as \\xNN, safe to print."""
-    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def read_competition_csv(path: Path, with_price: bool, max_listed: int = 20) -> pd.DataFrame:
@@ -79,7 +66,7 @@ def read_competition_csv(path: Path, with_price: bool, max_listed: int = 20) -> 
             line, start = start, reader.line_num + 1
             sid = (row.get("sample_id") or "").strip()
             where = f"{path.name} line {line} (sample_id {escaped(sid) or '?'})"
-            not_utf8 = [c for c in header if isinstance(row.get(c), str) and UNDECODABLE.search(row[c])]
+            not_utf8 = [c for c in header if isinstance(row.get(c), str) and undecodable_bytes(row[c])]
             if not_utf8:
                 shown = undecodable_bytes("".join(row[c] for c in not_utf8))
                 problems.append(f"{where}, column {', '.join(map(repr, not_utf8))}: expected UTF-8 text, got byte(s) {shown}")
