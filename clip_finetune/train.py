@@ -39,9 +39,7 @@ from core.metrics import format_table, price_bin_report, prices_from_log, smape
 from core.open_clip_models import image_size_of, load_open_clip
 from core.runs import claim_run_dir, load_last, save_last
 from core.runtime import autocast, progress, seed_everything, setup_logging, warmup_cosine
-from core.tables import encoder_rows, holdout_fold, load_table
-
-SELECTION = "best epoch on a {:.0%} slice of the training folds; the holdout fold is unseen"
+from core.tables import encoder_rows, encoder_selection, holdout_fold, load_table
 
 
 @torch.no_grad()
@@ -218,7 +216,7 @@ def main(cfg: ClipConfig) -> dict:
             if improved:
                 ckpt = {"visual": model.visual.state_dict(), "head": model.head.state_dict(), "embed_dim": embed_dim,
                         "config": to_dict(cfg), "epoch": epoch, "select_smape": select_smape,
-                        "selection": SELECTION.format(cfg.selection_fraction), "price_floor": price_floor,
+                        "selection": encoder_selection(cfg.selection_fraction), "price_floor": price_floor,
                         "price_median": price_median}
                 atomic_save(lambda tmp: torch.save(ckpt, tmp), run_dir / "best.pt")
                 write_json(run_dir / "best.json", {k: v for k, v in ckpt.items() if k not in ("visual", "head")})
@@ -231,7 +229,7 @@ def main(cfg: ClipConfig) -> dict:
 
     metrics = {"select_smape": best, "epochs_run": len(history), "fit_images": len(fit_rows),
                "select_images": len(select_rows), "val_images": int(holdout_usable.sum()),
-               "images_failed_to_decode": len(failures), "selection": SELECTION.format(cfg.selection_fraction)}
+               "images_failed_to_decode": len(failures), "selection": encoder_selection(cfg.selection_fraction)}
     if dist.is_main:
         metrics.update(score_holdout(model, run_dir, holdout_rows, holdout_usable, preprocess_eval, size, cfg, device,
                                      dtype, price_median, log))

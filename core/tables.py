@@ -58,3 +58,8 @@ def encoder_rows(table: pd.DataFrame, holdout: int, selection_fraction: float = 
     if outside.any() and not select.any():
         select[np.flatnonzero(outside)[0]] = True
     return outside & ~select, select
+
+
+def encoder_selection(fraction: float) -> str:
+    """How an encoder split by `encoder_rows` chose its checkpoint, as the predictions' meta says it."""
+    return f"best epoch on a {fraction:.0%} slice of the training folds; the holdout fold is unseen"

@@ -18,7 +18,7 @@ from core.metrics import prices_from_log, smape
 from core.predictions import write_predictions
 from core.runtime import amp_dtype, pick_device, setup_logging
 from core.submission import write_submission
-from core.tables import META_FILE, holdout_fold, load_table
+from core.tables import META_FILE, encoder_selection, holdout_fold, load_table
 from qwen3_finetune.config import PROFILES, QwenConfig
 from qwen3_finetune.model import load_run, run_rows, table_inputs
 
@@ -56,8 +56,7 @@ def main(cfg: QwenConfig) -> Path | None:
                       oof=pd.DataFrame({"sample_id": holdout["sample_id"], "log_pred": holdout_log, "fold": fold}),
                       test=pd.DataFrame({"sample_id": test["sample_id"], "log_pred": test_log}),
                       meta={"oof_kind": "holdout", "holdout_smape": holdout_smape, "config": to_dict(cfg),
-                            "selection": meta.get("selection", f"best epoch on a {cfg.selection_fraction:.0%} slice of "
-                                                  "the training folds; the holdout fold is unseen"),
+                            "selection": encoder_selection(cfg.selection_fraction),
                             "encoder_unseen_folds": [fold], "checkpoint_epoch": meta["epoch"]})
     log.info("wrote %s: %d rows, prices %.2f to %.2f; holdout SMAPE %.2f", out, len(prices), prices.min(),
              prices.max(), holdout_smape)

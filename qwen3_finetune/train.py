@@ -33,7 +33,7 @@ from core.losses import get_loss, l1_log_loss
 from core.metrics import prices_from_log, smape
 from core.runs import claim_run_dir, load_last, save_last
 from core.runtime import autocast, progress, seed_everything, setup_logging, warmup_cosine
-from core.tables import STRUCTURAL_FEATURES, encoder_rows, holdout_fold, load_table
+from core.tables import STRUCTURAL_FEATURES, encoder_rows, encoder_selection, holdout_fold, load_table
 from qwen3_finetune.config import PROFILES, QwenConfig
 from qwen3_finetune.model import (FeatureScaler, PriceRegressor, add_lora, collate, length_batches, load_backbone,
                                   load_checkpoint, load_tokenizer, pads_left, qwen_input_text, run_rows,
@@ -165,8 +165,7 @@ def main(cfg: QwenConfig) -> dict:
         baseline = smape(y_holdout, np.full(len(holdout_idx), table.loc[is_fit, "price"].median()))
         metrics = {"val_smape": smape(y_holdout, prices_from_log(holdout_log, price_floor)),
                    "selection_smape": best, "constant_median_val_smape": baseline, "epochs_run": len(history),
-                   "selection": f"best epoch on a {cfg.selection_fraction:.0%} slice of the training folds; "
-                                "the holdout fold is unseen", "complete": True}
+                   "selection": encoder_selection(cfg.selection_fraction), "complete": True}
         write_json(run_dir / "metrics.json", metrics)
         log.info("holdout SMAPE %.3f with the checkpoint chosen on the selection slice (%.3f); constant median %.3f; "
                  "best checkpoint %s", metrics["val_smape"], best, baseline, run_dir / "best")
