@@ -8,8 +8,10 @@ rows (the competition's 100-row sample test, topped up with catalog texts drawn 
 file under new ids, so the run has the 7k/2k shape of a real job; test prices are not scored),
 runs `python -m pipeline profile=small` on it (images are not downloaded unless
 `download_images=true`: the competition's CDN is often out of reach), and prints: each model's SMAPE and what the figure is
-(out of fold on every train row, holdout fold only, or the blend's nested CV), the blend's SMAPE per
-price decile, and seconds per stage. Further `key=value` tokens go to the pipeline.
+(out of fold on every train row, holdout fold only, or the blend's nested CV) and, for mixture-of-experts
+models, the mean gate load per expert; the blend's nested CV without and with its price calibration and
+whether the submission uses it; the blend's SMAPE per price decile; and seconds per stage. Further
+`key=value` tokens go to the pipeline.
 """
 from __future__ import annotations
 
@@ -41,6 +43,17 @@ def make_raw(train_csv: Path, raw_dir: Path, test_rows: int, seed: int = 0) -> P
     return raw_dir
 
 
+def expert_load_text(meta: dict) -> str:
+    """A model's `expert_load` (one list of per-expert load fractions, or one per fold) as the mean load per
+    expert, with the smallest share any expert got in any fold: "0.44/0.36/0.20 (min 0.09)"; "" without one."""
+    load = meta.get("expert_load")
+    if not load:
+        return ""
+    per_fold = np.array(list(load.values()) if isinstance(load, dict) else load, dtype=np.float64)
+    per_fold = per_fold.reshape(-1, per_fold.shape[-1])
+    return "/".join(f"{v:.2f}" for v in per_fold.mean(0)) + f" (min {per_fold.min():.2f})"
+
+
 def main(argv: list[str] | None = None) -> pd.DataFrame:
     import pipeline
     from core.io import read_json
@@ -70,18 +83,29 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     report = pd.read_csv(root / "report.csv")
     ensemble = read_json(root / "predictions" / "ensemble" / "ensemble.json")
     deciles = pd.DataFrame(ensemble["nested_cv_smape_by_decile"])
+    order = ["decile", "price_from", "price_to", "count", "smape", "smape_calibrated", "median_pred_over_true",
+             "median_pred_over_true_calibrated"]
+    deciles = deciles[[c for c in order if c in deciles.columns]]
     n_train = len(pd.read_csv(raw / "train.csv", usecols=["sample_id"]))
     print(f"\n{date.today()}, {platform.processor() or platform.machine()}, {n_train:,} train rows, "
           f"{opts['test_rows']} test rows, profile=small; whole run {total:.0f} s "
           f"({'fresh' if len(timings) > 3 else 'mostly skipped: rerun in a new root for timings'})")
     print("\nSMAPE by model (figure: out_of_fold = every train row, predicted by a model that never saw it; "
-          "holdout = the holdout fold only; nested CV = blend weights and scale fitted on the other folds)")
-    print(format_table(report[["model", "figure", "rows", "smape", "how"]]))
+          "holdout = the holdout fold only; nested CV = blend weights, scale and calibration fitted on the other "
+          "folds; expert_load = mean gate load per expert over folds, and the smallest share in any fold)")
+    metas = [root / "predictions" / m / "meta.json" for m in report["model"]]
+    report["expert_load"] = [expert_load_text(read_json(path)) if path.exists() else "" for path in metas]
+    print(format_table(report[["model", "figure", "rows", "smape", "expert_load", "how"]]))
     best_single = report[(report["model"] != "ensemble") & (report["figure"] == "out_of_fold")]["smape"].min()
     print(f"\nblend nested CV {ensemble['nested_cv_smape']:.2f} (+/- {ensemble['nested_cv_smape_std']:.2f} over folds); "
           f"in-sample {ensemble['in_sample_smape']:.2f} (optimistic); best single out-of-fold model {best_single:.2f}; "
           f"weights {', '.join(f'{k} {v:.3f}' for k, v in ensemble['weights'].items())}; scale {ensemble['scale']:.3f}")
-    print("\nblend nested CV SMAPE by decile of the true price")
+    if ensemble.get("nested_cv_smape_calibrated") is not None:
+        print(f"price calibration ({ensemble['calibration']['shape']}): nested CV "
+              f"{ensemble['nested_cv_smape_uncalibrated']:.2f} without, {ensemble['nested_cv_smape_calibrated']:.2f} "
+              f"with; {ensemble['calibration_decision']}")
+    print("\nblend nested CV SMAPE by decile of the true price (smape: without the price calibration, "
+          "smape_calibrated: with it)")
     print(format_table(deciles))
     print("\nseconds per stage: " + ", ".join(f"{k} {v}" for k, v in seconds.items() if v is not None))
     return report

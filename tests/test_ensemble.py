@@ -1,16 +1,20 @@
-"""The ensemble stage: non-negative log-space weights, a price scale, nested CV, and the submission."""
+"""The ensemble stage: non-negative log-space weights, a price scale, a calibration by predicted price,
+nested CV, and the submission."""
+import dataclasses
 import json
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from core.config import parse_args
+from core.config import ConfigError, parse_args
 from core.metrics import prices_from_log, smape
 from core.predictions import PredictionsError, read_predictions, write_predictions
 from core.submission import check_submission
 from core.tables import COMMON_COLUMNS
-from ensemble.blend import fit_blend, fit_scale, fit_weights, main, nested_cv, smape_by_decile
+import ensemble.blend
+from ensemble.blend import (apply_calibration, blend_prices, fit_blend, fit_calibration, fit_scale, fit_weights, main,
+                            nested_cv, smape_by_decile)
 from ensemble.config import PROFILES, EnsembleConfig
 
 
@@ -72,6 +76,90 @@ def test_nested_cv_never_fits_on_the_scored_fold():
     in_sample = fit_blend(log_preds, price, price.min())
     in_sample_smape = smape(price, np.maximum(in_sample.scale * np.expm1(log_preds @ in_sample.weights), price.min()))
     assert smape(price, nested.prices) >= in_sample_smape
+
+
+def test_nested_calibration_never_sees_the_scored_fold(monkeypatch):
+    """Bin edges, bin scales and the inner-CV choice of shape are all fitted on the other folds' rows."""
+    rng = np.random.default_rng(4)
+    n = 1000
+    folds = np.arange(n) % 5
+    log_price = rng.uniform(1, 6, n)
+    price = np.expm1(log_price)
+    log_preds = (log_price + rng.normal(0, 0.4, n))[:, None]
+    outer_fold, calls = [None], []
+    real_fit_blend, real_fit_calibration = ensemble.blend.fit_blend, ensemble.blend.fit_calibration
+
+    def spy_fit(p, y, floor, **kwargs):
+        outer_fold[0] = next(f for f in range(5) if not set(np.round(y, 9)) & set(np.round(price[folds == f], 9)))
+        return real_fit_blend(p, y, floor, **kwargs)
+
+    def spy_calibration(p, y, floor, *args, **kwargs):
+        calls.append((outer_fold[0], set(np.round(y, 9))))
+        return real_fit_calibration(p, y, floor, *args, **kwargs)
+
+    monkeypatch.setattr(ensemble.blend, "fit_calibration", spy_calibration)
+    kwargs = dict(calibration_bins=5, calibration_shape="auto")
+    nested = nested_cv(log_preds, price, folds, fit=spy_fit, **kwargs)
+    assert nested.calibrated_prices is not None and not np.isnan(nested.calibrated_prices).any()
+    for fold in range(5):
+        scored_rows = set(np.round(price[folds == fold], 9))
+        fits = [rows for f, rows in calls if f == fold]
+        assert len(fits) == 1 + 2 * 4 + 1  # the auto call, both shapes on each of the 4 inner folds, the refit
+        assert all(rows.isdisjoint(scored_rows) for rows in fits)
+        assert max(len(rows) for rows in fits) == int((folds != fold).sum())
+
+    # scrambling fold 0's labels leaves fold 0's calibrated predictions exactly as they were
+    scrambled = price.copy()
+    scrambled[folds == 0] = rng.permutation(price[folds == 0]) * 3.0
+    again = nested_cv(log_preds, scrambled, folds, **kwargs)
+    np.testing.assert_allclose(again.calibrated_prices[folds == 0], nested.calibrated_prices[folds == 0], rtol=1e-12)
+
+
+BIAS_PER_BIN = np.array([1.5, 1.0, 1.3, 0.9, 1.2, 1.0, 0.8, 1.1, 0.9, 0.7])  # cheapest bin 1.5x, dearest 0.7x
+
+
+def _planted_bin_bias(seed=3, rows_per_bin=200):
+    """Ten price clusters ($1 to $512, each +/-5%), predictions off by BIAS_PER_BIN per cluster, truth within
+    5% (log-normal) of the unbiased price. The clusters stay apart after the bias, so quantile bins of the
+    prediction are exactly the clusters."""
+    rng = np.random.default_rng(seed)
+    cluster = np.repeat(np.arange(10), rows_per_bin)
+    clean = 2.0 ** cluster * np.exp(rng.uniform(-0.05, 0.05, len(cluster)))
+    truth = clean * np.exp(rng.normal(0, 0.05, len(cluster)))
+    return clean * BIAS_PER_BIN[cluster], truth, rng
+
+
+def test_bin_calibration_recovers_a_planted_bias_per_bin():
+    pred, truth, _ = _planted_bin_bias()
+    calibration = fit_calibration(pred, truth, truth.min(), "bins", bins=10)
+    assert list(calibration.counts) == [200] * 10
+    # each bin's scale undoes its bias to within 3% (the noise alone gives about 0.5% per bin)
+    np.testing.assert_allclose(np.exp(calibration.log_scales) * BIAS_PER_BIN, 1.0, atol=0.03)
+    assert smape(truth, apply_calibration(calibration, pred, truth.min())) < 5.0 < 15.0 < smape(truth, pred)
+
+    # shrinkage: 200 rows with shrink_rows=200 keep exactly half of each log scale
+    shrunk = fit_calibration(pred, truth, truth.min(), "bins", bins=10, shrink_rows=200)
+    np.testing.assert_allclose(shrunk.log_scales, 0.5 * calibration.log_scales, rtol=1e-9)
+
+
+def test_loglinear_calibration_recovers_a_planted_power_law():
+    rng = np.random.default_rng(6)
+    clean = np.exp(rng.uniform(0, 5, 3000))
+    truth = clean * np.exp(rng.normal(0, 0.08, 3000))
+    pred = clean * 1.1 * (clean / 10) ** 0.2  # log pred = 1.2 log clean + const, so the fix has slope -0.2 / 1.2
+    calibration = fit_calibration(pred, truth, truth.min(), "loglinear")
+    assert calibration.slope == pytest.approx(-0.2 / 1.2, abs=0.005)
+    np.testing.assert_allclose(apply_calibration(calibration, pred, truth.min()) / clean, 1.0, atol=0.01)
+
+
+def test_nested_cv_with_calibration_removes_a_planted_bias():
+    pred, truth, rng = _planted_bin_bias()
+    folds = rng.permutation(len(truth)) % 5
+    nested = nested_cv(np.log1p(pred)[:, None], truth, folds, calibration_bins=10, calibration_shrink_rows=0)
+    without, with_calibration = smape(truth, nested.prices), smape(truth, nested.calibrated_prices)
+    assert without > 15.0 and with_calibration < 0.6 * without  # about 17.3 -> 5.8
+    # a step bias is no power law: every fold's inner CV picks the bins over the log-linear shape
+    assert {b.calibration.shape for b in nested.fold_blends.values()} == {"bins"}
 
 
 def test_smape_by_decile_on_known_values():
@@ -207,3 +295,82 @@ def test_rows_seen_by_a_fine_tuned_encoder_are_neither_fitted_nor_scored(stage, 
     assert summary["model_oof_smape"]["finetuned"] > 10
     assert summary["weights"]["sharp"] > summary["weights"]["finetuned"]
     assert len(read_predictions(cfg.predictions_dir, "ensemble").oof) == fold0
+
+
+def _stage_summary(cfg):
+    main(cfg)
+    summary = json.loads((cfg.predictions_dir / "ensemble" / "ensemble.json").read_text())
+    return summary, read_predictions(cfg.predictions_dir, "ensemble")
+
+
+def test_calibration_bins_0_reproduces_the_uncalibrated_blend_exactly(stage):
+    cfg, train, test = stage
+    cfg = dataclasses.replace(cfg, calibration_bins=0)
+    summary, ensemble_preds = _stage_summary(cfg)
+    assert summary["calibration_used"] is False and summary["nested_cv_smape_calibrated"] is None
+    assert summary["calibration_decision"] == "off (calibration_bins=0)"
+
+    # the blend as it was before calibration existed: weights and one scale, nothing else
+    models = ["blurry", "sharp"]
+    oof = np.column_stack([read_predictions(cfg.predictions_dir, m).oof.set_index("sample_id").loc[train["sample_id"],
+                                                                                                   "log_pred"]
+                           for m in models])
+    test_log = np.column_stack([read_predictions(cfg.predictions_dir, m).test.set_index("sample_id").loc[
+        test["sample_id"], "log_pred"] for m in models])
+    y, folds = train["price"].to_numpy(), train["fold"].to_numpy()
+    kwargs = dict(scale_min=cfg.scale_min, scale_max=cfg.scale_max, scale_steps=cfg.scale_steps,
+                  smoothing=cfg.smoothing, n_restarts=cfg.n_restarts, seed=cfg.seed)
+    final = fit_blend(oof, y, y.min(), **kwargs)
+    assert final.calibration is None
+    np.testing.assert_array_equal(ensemble_preds.test.set_index("sample_id").loc[test["sample_id"], "log_pred"],
+                                  np.log1p(blend_prices(test_log, final.weights, final.scale, y.min())))
+    np.testing.assert_array_equal(ensemble_preds.oof.set_index("sample_id").loc[train["sample_id"], "log_pred"],
+                                  np.log1p(nested_cv(oof, y, folds, **kwargs).prices))
+
+
+def test_the_submission_uses_the_calibration_only_when_nested_cv_says_it_helps(stage):
+    cfg, train, test = stage
+    # the planted per-bin bias, on 40 rows per price cluster (train prices replaced to match)
+    pred, truth, _ = _planted_bin_bias(seed=12, rows_per_bin=40)
+    train = train.assign(price=truth, log_price=np.log1p(truth))
+    train.to_parquet(cfg.data_dir / "train.parquet", index=False)
+    test_pred, _, _ = _planted_bin_bias(seed=13, rows_per_bin=len(test) // 10)
+    _write_model(cfg.predictions_dir, "biased", train, test, np.log1p(pred), np.log1p(test_pred))
+    cfg = dataclasses.replace(cfg, models=["biased"], calibration_bins=10, calibration_shape="bins",
+                              calibration_shrink_rows=0)
+    summary, calibrated = _stage_summary(cfg)
+    assert summary["calibration_used"] is True and summary["calibration_decision"].startswith("used")
+    assert summary["nested_cv_smape_calibrated"] < summary["nested_cv_smape_uncalibrated"] - 5.0
+    assert summary["nested_cv_smape"] == summary["nested_cv_smape_calibrated"]
+    assert summary["in_sample_smape_calibrated"] <= summary["nested_cv_smape_calibrated"]
+    assert [b["rows"] for b in summary["calibration"]["bins"]] == [40] * 10  # one bin per cluster
+    # the written OOF rows are the calibrated nested predictions: they reproduce the reported figure
+    oof = calibrated.oof.set_index("sample_id").loc[train["sample_id"]]
+    assert smape(train["price"], prices_from_log(oof["log_pred"], train["price"].min())) == pytest.approx(
+        summary["nested_cv_smape_calibrated"], abs=1e-6)
+
+    # asked for a gain nested CV does not show, the submission is the uncalibrated blend's, exactly
+    summary, kept_out = _stage_summary(dataclasses.replace(cfg, calibration_min_gain=1000.0))
+    assert summary["calibration_used"] is False and summary["calibration_decision"].startswith("not used")
+    assert summary["nested_cv_smape"] == summary["nested_cv_smape_uncalibrated"]
+    _, off = _stage_summary(dataclasses.replace(cfg, calibration_bins=0))
+    pd.testing.assert_frame_equal(kept_out.test, off.test)
+    pd.testing.assert_frame_equal(kept_out.oof, off.oof)
+    assert not np.allclose(calibrated.test["log_pred"], off.test["log_pred"])
+
+
+def test_calibration_settings_are_checked(stage):
+    cfg, _, _ = stage
+    with pytest.raises(ConfigError, match="calibration_shape='steps'"):
+        main(dataclasses.replace(cfg, calibration_shape="steps"))
+    with pytest.raises(ConfigError, match="must hold 1"):
+        main(dataclasses.replace(cfg, calibration_scale_min=1.1))
+
+
+def test_bench_shows_the_expert_load_per_expert():
+    from bench.real_data import expert_load_text
+
+    per_fold = {"0": [0.6, 0.3, 0.1], "1": [0.4, 0.5, 0.1]}
+    assert expert_load_text({"expert_load": per_fold}) == "0.50/0.40/0.10 (min 0.10)"
+    assert expert_load_text({"expert_load": [0.0, 0.0, 1.0]}) == "0.00/0.00/1.00 (min 0.00)"  # a collapsed gate
+    assert expert_load_text({"oof_kind": "out_of_fold"}) == ""
