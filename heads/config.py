@@ -4,7 +4,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-HEADS = ("ridge", "knn", "lgbm", "lgbm_per_qty")
+# every head in two target variants: log price, and `<head>_per_qty` (log price per unit of quantity, the
+# quantity added back); lgbm_no_te is lgbm without the target encodings, to show what they add
+HEADS = ("ridge", "ridge_per_qty", "knn", "knn_per_qty", "lgbm", "lgbm_per_qty", "lgbm_no_te")
+DEFAULT_HEADS = ("ridge", "ridge_per_qty", "knn", "knn_per_qty", "lgbm", "lgbm_per_qty")
 
 
 @dataclass
@@ -13,7 +16,7 @@ class HeadsConfig:
     data_dir: Path = Path("checkpoints/data")  # processed tables from data.prepare (the folds live here)
     embeddings_dir: Path = Path("checkpoints/embeddings")  # caches: embeddings_dir/<source>/<split>/
     predictions_dir: Path = Path("checkpoints/predictions")  # each head writes predictions_dir/<head>/
-    heads: list[str] = field(default_factory=lambda: list(HEADS))  # which of ridge, knn, lgbm to train
+    heads: list[str] = field(default_factory=lambda: list(DEFAULT_HEADS))  # which of HEADS to train
     # caches used as LightGBM inputs and neighbour spaces; a missing or skipped one is left out with a log line
     embedding_sources: list[str] = field(default_factory=lambda: ["qwen_text", "siglip_text", "clip_image", "siglip_image"])
     # sources whose encoder was fine-tuned on the non-holdout folds: their out-of-fold rows there are optimistic
@@ -33,6 +36,10 @@ class HeadsConfig:
     embedding_svd_dims: int = 64  # TruncatedSVD of each cache (fitted on train rows); 0 keeps no projection
     neighbour_k: int = 20  # neighbours behind the price features, in TF-IDF space and in each cache
     ridge_feature: bool = True  # the ridge head's prediction as a feature (inner out-of-fold, same rule as neighbours)
+    # out-of-fold target encoding (same fold rule as the neighbours) of these fields: brand1 / brand2 (the
+    # item name's first one / two words), unit, pack (the pack count the name states); lgbm_no_te has none
+    target_encoding_fields: list[str] = field(default_factory=lambda: ["brand1", "brand2", "unit", "pack"])
+    target_encoding_m: float = 10.0  # smoothing: (sum + m * global mean) / (count + m)
     # LightGBM head model: fixed rounds, no early stopping on the scored fold
     lgbm_objective: str = "l1"  # l1 | huber | regression (L2), on log price; l1 beat huber on the real rows (CV)
     lgbm_huber_delta: float = 1.0  # huber: quadratic within this many log units
@@ -57,10 +64,10 @@ class HeadsConfig:
 PROFILES = {
     "default": HeadsConfig(),
     # real folders, settings for a 2-core CPU: ~7k train rows in a few minutes
-    "small": HeadsConfig(word_max_features=100_000, char_max_features=150_000, lgbm_rounds=800,
+    "small": HeadsConfig(heads=list(HEADS), word_max_features=100_000, char_max_features=150_000, lgbm_rounds=800,
                          lgbm_learning_rate=0.03, lgbm_num_leaves=31, lgbm_threads=1, chunk_size=1024),
     # the demo's folders and tiny settings, for the demo and tests
-    "tiny": HeadsConfig(data_dir=Path("checkpoints/demo/data"), embeddings_dir=Path("checkpoints/demo/embeddings"),
+    "tiny": HeadsConfig(heads=list(HEADS), data_dir=Path("checkpoints/demo/data"), embeddings_dir=Path("checkpoints/demo/embeddings"),
                         tabular_svd_dims=32,
                         predictions_dir=Path("checkpoints/demo/predictions"), word_max_features=20_000,
                         char_max_features=20_000, tfidf_svd_dims=16, embedding_svd_dims=8, knn_k=5, neighbour_k=5,

@@ -1,6 +1,6 @@
 """Train the classical heads out of fold and write their predictions.
 
-    python -m heads.train [heads=ridge,knn,lgbm] [profile=default|small|tiny] key=value ...
+    python -m heads.train [heads=ridge,knn_per_qty,lgbm] [profile=default|small|tiny] key=value ...
 
 Every head trains once per fold of the data stage's `fold` column: the model scored on fold f
 never saw fold f, test predictions are the mean of the fold models in log space, and each head
@@ -8,11 +8,13 @@ writes `predictions_dir/<head>/` in the core.predictions format with oof_kind "o
 
   ridge  word + char TF-IDF -> Ridge on log1p(price)
   knn    distance-weighted mean log price of the nearest rows (cosine, TF-IDF or a cache)
-  lgbm   LightGBM on structure, cheap text features, SVD projections, neighbour prices and the
-         ridge prediction; neighbour prices and the ridge feature of its training rows are inner
-         out-of-fold (they never see the scored fold nor the row's own fold)
-  lgbm_per_qty  the same LightGBM on log(price / quantity), quantity added back in log space; a row
-         without a positive quantity keeps log price (offset 0)
+  lgbm   LightGBM on structure, cheap text features, SVD projections, neighbour prices, the ridge
+         prediction and target encodings of brand, unit and pack size; the price-based columns of its
+         training rows are inner out-of-fold (they never see the scored fold nor the row's own fold)
+  lgbm_no_te  the same LightGBM without the target encodings
+  <head>_per_qty  any head on log(price / quantity), quantity added back in log space; a row without a
+         positive quantity keeps log price (offset 0); lgbm_per_qty also reads the neighbours' and the
+         encodings' per-quantity prices beside the log price ones
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ from core.tables import holdout_fold, load_table
 from heads.config import HEADS, PROFILES, HeadsConfig
 from heads.features import available_sources, svd_projection, tabular_features, tfidf_matrices
 from heads.neighbours import fold_neighbours, neighbour_price_features
+from heads.target_encoding import FIELDS as TARGET_ENCODING_FIELDS, category_keys, target_encoding_columns
 
 SELECTION = "fixed hyperparameters from the config; no early stopping or model choice on the scored fold"
 
@@ -42,6 +45,11 @@ def check_config(cfg: HeadsConfig) -> None:
     unknown = [h for h in cfg.heads if h not in HEADS]
     if unknown or not cfg.heads:
         raise ConfigError(f"heads={','.join(cfg.heads)}: each head must be one of {', '.join(HEADS)}")
+    if any(f not in TARGET_ENCODING_FIELDS for f in cfg.target_encoding_fields):
+        raise ConfigError(f"target_encoding_fields={','.join(cfg.target_encoding_fields)}: each field must be one of "
+                          f"{', '.join(TARGET_ENCODING_FIELDS)}")
+    if cfg.target_encoding_m < 0:
+        raise ConfigError(f"target_encoding_m={cfg.target_encoding_m}: the smoothing weight must be >= 0")
     if cfg.knn_space != "tfidf" and cfg.knn_space not in cfg.embedding_sources:
         raise ConfigError(f"knn_space={cfg.knn_space!r}: use tfidf or one of embedding_sources {cfg.embedding_sources}")
     if cfg.lgbm_objective not in ("huber", "l1", "regression"):
@@ -67,7 +75,7 @@ class Inputs:
         self.device = str(pick_device(cfg.device))
         self._tfidf = self._sources = None
         self._neighbours: dict[str, list] = {}
-        self._ridge_inner = None
+        self._ridge_predictions = None
 
     @property
     def tfidf(self):
@@ -89,9 +97,9 @@ class Inputs:
         if space not in self._neighbours or self._neighbours[space][0].train_indices.shape[1] < k:
             start = time.time()
             # one search serves both heads: as many neighbours as either asks for in this space
-            if "knn" in self.cfg.heads and space == self.cfg.knn_space:
+            if any(h.startswith("knn") for h in self.cfg.heads) and space == self.cfg.knn_space:
                 k = max(k, self.cfg.knn_k)
-            if "lgbm" in self.cfg.heads:
+            if any(h.startswith("lgbm") for h in self.cfg.heads):
                 k = max(k, self.cfg.neighbour_k)
             if space == "tfidf":
                 train, test = self.tfidf
@@ -109,6 +117,12 @@ class Inputs:
     def fold_mask(self, fold: int) -> np.ndarray:
         return self.folds == fold
 
+    def ridge_predictions(self):
+        """The ridge head on log1p(price), computed once: a head of its own and LightGBM's ridge feature."""
+        if self._ridge_predictions is None:
+            self._ridge_predictions = ridge_predictions(self, self.y)
+        return self._ridge_predictions
+
 
 # ---------------------------------------------------------------- ridge
 
@@ -118,16 +132,24 @@ def _ridge(alpha: float, seed: int):
     return Ridge(alpha=alpha, solver="sparse_cg", random_state=seed)
 
 
-def ridge_head(inputs: Inputs):
+def ridge_predictions(inputs: Inputs, target: np.ndarray):
     """Out-of-fold ridge on the TF-IDF: (oof [n_train], test per fold [k, n_test])."""
     cfg, (x_train, x_test) = inputs.cfg, inputs.tfidf
-    oof, test = np.zeros(len(inputs.y)), []
+    oof, test = np.zeros(len(target)), []
     for f in inputs.fold_ids:
         fit, scored = ~inputs.fold_mask(f), inputs.fold_mask(f)
-        model = _ridge(cfg.ridge_alpha, cfg.seed).fit(x_train[fit], inputs.y[fit])
+        model = _ridge(cfg.ridge_alpha, cfg.seed).fit(x_train[fit], target[fit])
         oof[scored] = model.predict(x_train[scored])
         test.append(model.predict(x_test))
     return oof, np.stack(test)
+
+
+def ridge_head(inputs: Inputs, target=None):
+    if target is None:
+        oof, test = inputs.ridge_predictions()
+    else:
+        oof, test = ridge_predictions(inputs, target)
+    return oof, test, {"embedding_sources": []}
 
 
 def ridge_inner_features(inputs: Inputs, oof: np.ndarray, test: np.ndarray):
@@ -161,28 +183,32 @@ def weighted_neighbour_price(indices, similarities, y, eps: float) -> np.ndarray
     return neighbour_price_features(indices, similarities, y, eps)["weighted_log_price"]
 
 
-def knn_head(inputs: Inputs):
+def knn_head(inputs: Inputs, target=None):
+    """The neighbours' distance-weighted mean of the target (log1p price unless given)."""
     cfg = inputs.cfg
+    target = inputs.y if target is None else target
     per_fold = inputs.neighbours(cfg.knn_space, cfg.knn_k)
-    oof, test = np.zeros(len(inputs.y)), []
+    oof, test = np.zeros(len(target)), []
     for fn in per_fold:
         scored = inputs.fold_mask(fn.fold)
-        fallback = float(np.median(inputs.y[~scored]))  # rows without a vector in this space
+        fallback = float(np.median(target[~scored]))  # rows without a vector in this space
         k = cfg.knn_k
-        pred = weighted_neighbour_price(fn.train_indices[scored, :k], fn.train_similarities[scored, :k], inputs.y,
+        pred = weighted_neighbour_price(fn.train_indices[scored, :k], fn.train_similarities[scored, :k], target,
                                         cfg.distance_eps)
         oof[scored] = np.where(np.isnan(pred), fallback, pred)
-        pred = weighted_neighbour_price(fn.test_indices[:, :k], fn.test_similarities[:, :k], inputs.y, cfg.distance_eps)
+        pred = weighted_neighbour_price(fn.test_indices[:, :k], fn.test_similarities[:, :k], target, cfg.distance_eps)
         test.append(np.where(np.isnan(pred), fallback, pred))
-    return oof, np.stack(test)
+    return oof, np.stack(test), {"embedding_sources": [cfg.knn_space]}
 
 
 # ---------------------------------------------------------------- lgbm
 
-def lgbm_fold_frames(inputs: Inputs, m: int, fold: int, base_train, base_test, ridge_features, unit_target=None):
+def lgbm_fold_frames(inputs: Inputs, m: int, fold: int, base_train, base_test, ridge_features, unit_target=None,
+                     encodings=None):
     """(train features, test features) for the model scored on `fold`: the shared columns plus the
     neighbour-price columns of every space (and, given `unit_target`, the neighbours' log price per
-    quantity) and the ridge column, computed under the fold rule."""
+    quantity), the ridge column and the target-encoding columns (`encodings`, per fold from
+    `fold_encodings`), all computed under the fold rule."""
     cfg = inputs.cfg
     train_cols, test_cols = {}, {}
     targets = {"nb": inputs.y} if unit_target is None else {"nb": inputs.y, "nbq": unit_target}
@@ -198,6 +224,9 @@ def lgbm_fold_frames(inputs: Inputs, m: int, fold: int, base_train, base_test, r
                 test_cols[f"{space}_{tag}_{name}"] = values
     if ridge_features is not None:
         train_cols["ridge_log_price"], test_cols["ridge_log_price"] = ridge_features[fold]
+    if encodings:
+        train_cols.update(encodings[m][0])
+        test_cols.update(encodings[m][1])
     train = pd.concat([base_train, pd.DataFrame(train_cols)], axis=1)
     test = pd.concat([base_test, pd.DataFrame(test_cols)], axis=1)
     return train, test
@@ -242,37 +271,70 @@ def quantity_offset(table: pd.DataFrame) -> np.ndarray:
     return np.where(np.isfinite(q) & (q > 0), np.log(np.where(q > 0, q, 1.0)), 0.0)
 
 
-def lgbm_head(inputs: Inputs, ridge_predictions=None, per_quantity: bool = False):
+def fold_encodings(inputs: Inputs, unit_target=None):
+    """Per fold: (train columns, test columns) of the out-of-fold target encodings of
+    cfg.target_encoding_fields, of log1p price (`te_*`, with the counts) and of `unit_target` (`teq_*`)."""
+    cfg = inputs.cfg
+    if not cfg.target_encoding_fields:
+        return []
+    targets = {"te": inputs.y} if unit_target is None else {"te": inputs.y, "teq": unit_target}
+    return target_encoding_columns(category_keys(inputs.train, cfg.target_encoding_fields),
+                                   category_keys(inputs.test, cfg.target_encoding_fields),
+                                   targets, inputs.folds, cfg.target_encoding_m)
+
+
+def lgbm_head(inputs: Inputs, target=None, target_encoding: bool = True):
+    """LightGBM on the target (log1p price unless given); a given target is also summarised by the
+    neighbours and the encodings, beside log1p price."""
     import lightgbm as lgb
 
     cfg = inputs.cfg
+    unit_target, target = target, inputs.y if target is None else target
     base_train, base_test = lgbm_shared_features(inputs)
     ridge_features = None
     if cfg.ridge_feature:
-        oof, test = ridge_predictions if ridge_predictions is not None else ridge_head(inputs)
-        ridge_features = ridge_inner_features(inputs, oof, test)
-    # per quantity: log(price) less log(quantity) is learned, and the quantity is added back after
-    offset_train, offset_test = quantity_offset(inputs.train), quantity_offset(inputs.test)
-    target = np.log(inputs.price) - offset_train if per_quantity else inputs.y
-
-    def to_log1p(pred, offset):
-        return np.log1p(np.exp(pred + offset)) if per_quantity else pred
-
-    oof, test, columns = np.zeros(len(inputs.y)), [], []
+        ridge_features = ridge_inner_features(inputs, *inputs.ridge_predictions())
+    encodings = fold_encodings(inputs, unit_target) if target_encoding else []
+    oof, test, columns = np.zeros(len(target)), [], []
     for m, f in enumerate(inputs.fold_ids):
-        x_train, x_test = lgbm_fold_frames(inputs, m, f, base_train, base_test, ridge_features,
-                                           target if per_quantity else None)
+        x_train, x_test = lgbm_fold_frames(inputs, m, f, base_train, base_test, ridge_features, unit_target,
+                                           encodings)
         fit, scored = ~inputs.fold_mask(f), inputs.fold_mask(f)
         data = lgb.Dataset(x_train[fit], target[fit], free_raw_data=True)
         model = lgb.train(lgbm_params(cfg), data, num_boost_round=cfg.lgbm_rounds)
-        oof[scored] = to_log1p(model.predict(x_train[scored]), offset_train[scored])
-        test.append(to_log1p(model.predict(x_test), offset_test))
+        oof[scored] = model.predict(x_train[scored])
+        test.append(model.predict(x_test))
         columns = list(x_train.columns)
-    extra = {"features": columns}
-    if per_quantity:
-        extra["target"] = "log(price / quantity_value), + log(quantity_value); log(price) where no quantity"
-        extra["rows_with_quantity"] = int((offset_train != 0).sum())
-    return oof, np.stack(test), extra
+    return oof, np.stack(test), {"features": columns, "embedding_sources": list(inputs.sources)}
+
+
+def lgbm_no_te_head(inputs: Inputs, target=None):
+    return lgbm_head(inputs, target, target_encoding=False)
+
+
+def per_quantity(head):
+    """The per-quantity twin of a head: it learns log(price / quantity) (log price where a row has no
+    positive quantity), and the row's own log quantity is added back to every prediction."""
+
+    def twin(inputs: Inputs):
+        offset_train, offset_test = quantity_offset(inputs.train), quantity_offset(inputs.test)
+        oof, test, extra = head(inputs, np.log(inputs.price) - offset_train)
+        extra = {**extra, "target": "log(price / quantity_value), + log(quantity_value); log(price) where no quantity",
+                 "rows_with_quantity": int((offset_train != 0).sum())}
+        return np.log1p(np.exp(oof + offset_train)), np.log1p(np.exp(test + offset_test[None, :])), extra
+
+    return twin
+
+
+BASE_HEADS = {"ridge": ridge_head, "knn": knn_head, "lgbm": lgbm_head, "lgbm_no_te": lgbm_no_te_head}
+
+
+def head_function(name: str):
+    """The function training head `name`: (inputs) -> (oof [n_train], test per fold [k, n_test], meta extras),
+    predictions in log1p(price)."""
+    if name.endswith("_per_qty"):
+        return per_quantity(BASE_HEADS[name.removesuffix("_per_qty")])
+    return BASE_HEADS[name]
 
 
 def write_tabular_cache(inputs: Inputs, log) -> None:
@@ -336,24 +398,16 @@ def main(cfg: HeadsConfig) -> dict:
         baseline[inputs.fold_mask(f)] = np.median(inputs.y[~inputs.fold_mask(f)])
     rows = [{"head": "constant median", "oof_smape": score(inputs, baseline)[0], "fold_std": float("nan"),
              "seconds": 0.0}]
-    results, ridge_predictions = {}, None
+    results = {}
     for head in cfg.heads:
         start = time.time()
-        extra = {}
-        if head == "ridge":
-            oof, test = ridge_predictions = ridge_head(inputs)
-            spaces = []
-        elif head == "knn":
-            oof, test = knn_head(inputs)
-            spaces = [cfg.knn_space]
-        else:
-            oof, test, extra = lgbm_head(inputs, ridge_predictions, per_quantity=head == "lgbm_per_qty")
-            spaces = list(inputs.sources)
+        oof, test, extra = head_function(head)(inputs)
+        spaces = extra.pop("embedding_sources")
         seconds = time.time() - start
         oof_smape, fold_smape = score(inputs, oof)
         meta = {"oof_kind": "out_of_fold", "selection": SELECTION, "config": to_dict(cfg), "folds": inputs.fold_ids,
                 "fold_smape": fold_smape, "oof_smape": oof_smape, "seconds": seconds, "target": "log1p(price)",
-                "embedding_sources": spaces if head != "ridge" else [],
+                "embedding_sources": spaces,
                 "encoder_unseen_folds": encoder_unseen_folds(inputs, spaces), **extra}
         write_predictions(cfg.predictions_dir, head,
                           pd.DataFrame({"sample_id": inputs.train_ids, "log_pred": oof, "fold": inputs.folds}),
