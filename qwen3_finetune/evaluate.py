@@ -26,9 +26,10 @@ def main(cfg: QwenConfig) -> pd.DataFrame | None:
         print("finetune=false: the frozen encoder has no trained head to evaluate")
         return None
     device = pick_device(cfg.device)
-    model, scaler, tokenizer, meta = load_run(cfg, device)
+    fold = holdout_fold(cfg.data_dir)
+    model, scaler, tokenizer, meta = load_run(cfg, device, fold)  # the encoder that never saw this fold
     table = load_table(cfg.data_dir, "train")
-    val = table[table["fold"] == holdout_fold(cfg.data_dir)].reset_index(drop=True)
+    val = table[table["fold"] == fold].reset_index(drop=True)
     token_ids, features = table_inputs(val, tokenizer, scaler, cfg.max_length)
     log_pred = run_rows(model, token_ids, features, cfg.eval_batch_size, tokenizer.pad_token_id, device,
                         amp_dtype(device, cfg.precision))

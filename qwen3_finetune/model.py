@@ -241,15 +241,31 @@ def frozen_run(cfg, device):
     return model, scaler, load_tokenizer(cfg.model), {"frozen": True, "epoch": None, "val_smape": None}
 
 
-def load_run(cfg, device):
-    """(model, scaler, tokenizer, meta) from out_dir/run_name/best, with a clear error if missing;
-    the base encoder when `cfg.finetune` is false."""
+def encoder_folds(cfg) -> list[int]:
+    """The folds an encoder is scored on, one fine-tune each: the data stage's holdout fold
+    (`encoder_folds=holdout`), or every fold (`all`)."""
+    from core.tables import holdout_fold, n_folds
+
+    return list(range(n_folds(cfg.data_dir))) if cfg.encoder_folds == "all" else [holdout_fold(cfg.data_dir)]
+
+
+def encoder_dir(cfg, fold: int) -> Path:
+    """The run folder of the encoder that never saw `fold`: out_dir/run_name, or its fold_<k>/ when
+    there is one encoder per fold."""
+    run_dir = Path(cfg.out_dir) / cfg.run_name
+    return run_dir / f"fold_{fold}" if cfg.encoder_folds == "all" else run_dir
+
+
+def load_run(cfg, device, fold: int | None = None):
+    """(model, scaler, tokenizer, meta) from the best checkpoint of the encoder that never saw `fold`
+    (None: the single holdout encoder), with a clear error if missing; the base encoder when
+    `cfg.finetune` is false."""
     from core.errors import PipelineError
     from core.io import read_json
 
     if not cfg.finetune:
         return frozen_run(cfg, device)
-    best = Path(cfg.out_dir) / cfg.run_name / "best"
+    best = encoder_dir(cfg, encoder_folds(cfg)[0] if fold is None else fold) / "best"
     if not (best / "head.pt").exists():
         raise PipelineError(f"no checkpoint in {best}; run `python -m qwen3_finetune.train` first")
     model, scaler = load_checkpoint(best, cfg, device)

@@ -25,17 +25,17 @@ import numpy as np
 import torch
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
-from core.config import parse_args, to_dict
+from core.config import ConfigError, parse_args, to_dict
 from core.distributed import barrier, cleanup, init_device
 from core.errors import run_cli
-from core.io import write_json
+from core.io import read_json, write_json
 from core.losses import get_loss, l1_log_loss
 from core.metrics import prices_from_log, smape
 from core.runs import claim_run_dir, load_last, save_last
 from core.runtime import autocast, progress, seed_everything, setup_logging, warmup_cosine
-from core.tables import STRUCTURAL_FEATURES, encoder_rows, encoder_selection, holdout_fold, load_table
+from core.tables import STRUCTURAL_FEATURES, encoder_rows, encoder_selection, load_table
 from qwen3_finetune.config import PROFILES, QwenConfig
-from qwen3_finetune.model import (FeatureScaler, PriceRegressor, add_lora, collate, length_batches, load_backbone,
+from qwen3_finetune.model import (FeatureScaler, encoder_dir, encoder_folds, PriceRegressor, add_lora, collate, length_batches, load_backbone,
                                   load_checkpoint, load_tokenizer, pads_left, qwen_input_text, run_rows,
                                   save_checkpoint, tokenize)
 
@@ -44,7 +44,9 @@ def main(cfg: QwenConfig) -> dict:
     dist, device, dtype = init_device(cfg.device, cfg.precision)
     run_dir = Path(cfg.out_dir) / cfg.run_name
     log = setup_logging("qwen3_finetune", run_dir if dist.is_main else None)
-    finished = claim_run_dir(run_dir, cfg, write=dist.is_main)
+    if cfg.encoder_folds not in ("holdout", "all"):
+        raise ConfigError(f"encoder_folds={cfg.encoder_folds!r}: use holdout (one encoder) or all (one per fold)")
+    finished = claim_run_dir(run_dir, cfg, write=dist.is_main, outputs=("fold_*", "epoch_*", "best", "last.pt", "metrics.json"))
     if not cfg.finetune:
         metrics = {"skipped": True, "reason": "finetune=false: the encoder stays frozen; extraction reads the base model",
                    "complete": True}
@@ -57,15 +59,42 @@ def main(cfg: QwenConfig) -> dict:
         log.info("%s is complete for this config; nothing to do (resume=false retrains)", run_dir)
         cleanup(dist)
         return finished
-    seed_everything(cfg.seed)
 
-    # data: the data stage's split, so fusion later validates on rows this encoder never saw nor chose with
     table = load_table(cfg.data_dir, "train")
-    is_fit, is_select = encoder_rows(table, holdout_fold(cfg.data_dir), cfg.selection_fraction, cfg.seed)
-    is_holdout = ~(is_fit | is_select)
     tokenizer = load_tokenizer(cfg.model)
     texts = [qwen_input_text(n, c) for n, c in zip(table["item_name"], table["catalog_content"])]
     token_ids = tokenize(tokenizer, texts, cfg.max_length)
+    per_fold = {}
+    for fold in encoder_folds(cfg):
+        fold_dir = encoder_dir(cfg, fold)
+        done = fold_dir / "metrics.json"
+        if cfg.encoder_folds == "all" and cfg.resume and done.exists() and read_json(done).get("complete"):
+            log.info("fold %d: encoder already trained (%s)", fold, fold_dir)
+            per_fold[fold] = read_json(done)
+            continue
+        per_fold[fold] = train_encoder(cfg, table, token_ids, tokenizer, fold, fold_dir, dist, device, dtype, log)
+    metrics = per_fold[fold]
+    if cfg.encoder_folds == "all" and dist.is_main:
+        scored = {k: m["val_smape"] for k, m in per_fold.items()}
+        metrics = {"val_smape": float(np.mean(list(scored.values()))), "val_smape_by_fold": scored,
+                   "constant_median_val_smape": float(np.mean([m["constant_median_val_smape"] for m in per_fold.values()])),
+                   "selection": per_fold[fold]["selection"], "encoder_folds": "all", "complete": True}
+        write_json(run_dir / "metrics.json", metrics)
+        log.info("one encoder per fold: mean scored-fold SMAPE %.3f (%s)", metrics["val_smape"],
+                 ", ".join(f"fold {k} {v:.2f}" for k, v in scored.items()))
+    barrier(dist)
+    cleanup(dist)
+    return metrics
+
+
+def train_encoder(cfg: QwenConfig, table, token_ids, tokenizer, scored_fold: int, run_dir: Path, dist, device, dtype,
+                  log) -> dict:
+    """Fine-tune one encoder outside `scored_fold`, choose its checkpoint on a slice of its training
+    folds, and score `scored_fold` once with that checkpoint; everything lands in `run_dir`."""
+    seed_everything(cfg.seed)
+    is_fit, is_select = encoder_rows(table, scored_fold, cfg.selection_fraction, cfg.seed)
+    is_holdout = ~(is_fit | is_select)
+
     scaler = FeatureScaler().fit(table.loc[is_fit, STRUCTURAL_FEATURES].to_numpy())
     features = scaler.transform(table[STRUCTURAL_FEATURES].to_numpy())
     y = torch.tensor(table["log_price"].to_numpy(), dtype=torch.float32)
@@ -156,22 +185,23 @@ def main(cfg: QwenConfig) -> dict:
         barrier(dist)
 
     metrics = {}
-    if dist.is_main:  # the chosen checkpoint, scored once on the holdout fold it never saw
+    if dist.is_main:  # the chosen checkpoint, scored once on the fold it never saw
         holdout_idx = np.flatnonzero(is_holdout)
         best_model, _ = load_checkpoint(run_dir / "best", cfg, device)
         holdout_log = run_rows(best_model, [token_ids[i] for i in holdout_idx], features[holdout_idx],
                                cfg.eval_batch_size, tokenizer.pad_token_id, device, dtype)
         y_holdout = table["price"].to_numpy()[holdout_idx]
         baseline = smape(y_holdout, np.full(len(holdout_idx), table.loc[is_fit, "price"].median()))
-        metrics = {"val_smape": smape(y_holdout, prices_from_log(holdout_log, price_floor)),
+        metrics = {"val_smape": smape(y_holdout, prices_from_log(holdout_log, price_floor)), "scored_fold": scored_fold,
                    "selection_smape": best, "constant_median_val_smape": baseline, "epochs_run": len(history),
                    "selection": encoder_selection(cfg.selection_fraction), "complete": True}
         write_json(run_dir / "metrics.json", metrics)
-        log.info("holdout SMAPE %.3f with the checkpoint chosen on the selection slice (%.3f); constant median %.3f; "
-                 "best checkpoint %s", metrics["val_smape"], best, baseline, run_dir / "best")
+        log.info("fold %d SMAPE %.3f with the checkpoint chosen on the selection slice (%.3f); constant median %.3f; "
+                 "best checkpoint %s", scored_fold, metrics["val_smape"], best, baseline, run_dir / "best")
     barrier(dist)
-    cleanup(dist)
     return metrics
+
+
 
 
 if __name__ == "__main__":

@@ -226,3 +226,46 @@ def test_packaged_minilm_resolves_offline_and_its_lora_targets_match():
     assert backbone.config.hidden_size == 384 and backbone.config.attention_probs_dropout_prob == 0.0
     adapted = {n.rsplit(".", 1)[-1] for n, m in backbone.named_modules() if hasattr(m, "lora_A")}
     assert adapted == set(small.lora_targets)
+
+
+def test_one_encoder_per_fold_gives_every_row_a_vector_from_an_encoder_that_never_saw_it(demo_catalog, tiny_models,
+                                                                                        tmp_path, monkeypatch):
+    from core.predictions import read_predictions
+
+    seen = {}  # scored fold -> folds of the rows its encoder trained on or chose a checkpoint with
+    real_rows = train.encoder_rows
+
+    def spy(table, scored_fold, *args):
+        fit, select = real_rows(table, scored_fold, *args)
+        seen[scored_fold] = set(table.loc[fit | select, "fold"])
+        return fit, select
+
+    monkeypatch.setattr(train, "encoder_rows", spy)
+    cfg = config(demo_catalog, tiny_models, tmp_path, epochs=1, quantization="none", encoder_folds="all",
+                 predictions_dir=tmp_path / "predictions")
+    metrics = train.main(cfg)
+    folds = sorted(load_table(demo_catalog / "data", "train")["fold"].unique().tolist())
+    assert sorted(seen) == folds and all(k not in used for k, used in seen.items())
+    assert sorted(metrics["val_smape_by_fold"]) == folds
+
+    extract_embeddings.main(cfg)
+    table = load_table(demo_catalog / "data", "train")
+    cached = load_embeddings(tmp_path / "embeddings", "qwen_text", "train", table["sample_id"]).values
+    rows = [table.index[table["fold"] == k][0] for k in folds]  # one row of every fold
+    from qwen3_finetune.model import load_run, table_inputs
+
+    by_encoder = {}
+    for k in folds:
+        model, scaler, tokenizer, _ = load_run(cfg, CPU, k)
+        ids, feats = table_inputs(table.loc[rows], tokenizer, scaler, cfg.max_length)
+        by_encoder[k] = run_rows(model, ids, feats, 8, tokenizer.pad_token_id, CPU, None, want="embed")
+    for j, (k, row) in enumerate(zip(folds, rows)):
+        np.testing.assert_allclose(cached[row], by_encoder[k][j], atol=2e-2)  # from the encoder blind to fold k
+        assert np.abs(cached[row] - by_encoder[(k + 1) % len(folds)][j]).max() > 1e-3  # not from another one
+
+    predict.main(cfg)
+    preds = read_predictions(tmp_path / "predictions", "text_head")
+    assert preds.meta["oof_kind"] == "out_of_fold" and preds.meta["encoder_unseen_folds"] == folds
+    assert sorted(preds.oof["sample_id"]) == sorted(table["sample_id"])
+    merged = preds.oof.merge(table[["sample_id", "fold"]], on="sample_id", suffixes=("", "_table"))
+    assert (merged["fold"] == merged["fold_table"]).all()
