@@ -12,17 +12,19 @@ Stages, in order: synthetic (demo only), prepare, tiny_models (demo only), sigli
 clip_extract, qwen_train, qwen_extract, qwen_predict, heads, fusion_qwen_clip, fusion_all, evaluate,
 predict, ensemble, report. A stage is fingerprinted on the config fields it reads (a training stage
 ignores extraction-only fields; no stage counts placement such as `device` or batch sizes of pure
-inference), its inputs and its upstream stages. A stage whose fingerprint is unchanged since its
-last successful run is skipped; one whose fingerprint changed reruns from scratch; one that was
-interrupted resumes. The state lives in <root>/pipeline_state.json. Every model writes its
-predictions to <root>/predictions/; the ensemble blends them into <root>/test_out.csv and the
-report reads that folder alone.
+inference; an extraction from a frozen encoder ignores the training fields), the content of the raw
+files and its upstream stages (core/fingerprints.py). A stage that reads train rows only (a
+fine-tune, a fusion model) is keyed by its train-side print, so a new test.csv beside the same
+train.csv reruns only what reads test rows. Paths under the root count relative to it, so a trained
+root copied elsewhere is up to date. A stage whose fingerprint is unchanged since its last
+successful run is skipped; one whose fingerprint changed reruns from scratch; one that was
+interrupted resumes. The state lives in <root>/pipeline_state.json, with the profile and package
+versions the run was trained with. Every model writes its predictions to <root>/predictions/; the
+ensemble blends them into <root>/test_out.csv and the report reads that folder alone.
 """
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import shutil
 import sys
 import time
@@ -34,6 +36,8 @@ import pandas as pd
 
 from core.config import ConfigError, field_types, parse_args, to_dict
 from core.errors import run_cli
+from core.fingerprints import (STATE_FILE, StagePrint, describe_changes, file_digest, installed_versions, portable,
+                               stage_print, version_differences)
 from core.io import read_json, write_json
 from core.metrics import format_table, prices_from_log, smape
 
@@ -47,6 +51,17 @@ EXTRACTION_ONLY = {
     "qwen": {"split", "embeddings_dir", "source_name", "storage_dtype", "predictions_dir"},
     "qwen_clip": {"predictions_dir"},
     "all_embeddings": {"predictions_dir"},
+}
+# Fields only the training half of a group reads: an extraction from the frozen base encoder
+# (qwen.finetune=false, clip.use_finetuned=false) ignores them, and its training stage.
+TRAINING_ONLY = {
+    "clip": {"out_dir", "run_name", "loss", "l1_warmup_epochs", "epochs", "batch_size", "lr_backbone", "lr_head",
+             "weight_decay", "warmup_steps", "freeze_blocks", "freeze_norms", "head_hidden", "grad_clip",
+             "early_stopping_patience", "selection_fraction", "seed", "wise_alpha"},
+    "qwen": {"out_dir", "run_name", "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "gradient_checkpointing",
+             "head_hidden", "loss", "l1_warmup_epochs", "epochs", "batch_size", "grad_accum", "lr", "head_lr",
+             "weight_decay", "warmup_ratio", "grad_clip", "early_stopping_patience", "selection_fraction",
+             "encoder_folds", "seed"},
 }
 
 
@@ -116,8 +131,11 @@ def stage_configs(profile: str, overrides: list[str], root: Path | None = None) 
             routed[group].append(token)
     cfgs = {group: parse_args(cls, [f"profile={profile}", *routed[group]], pick_profile(profiles, profile))
             for group, (cls, profiles) in specs.items()}
-    # the caches whose encoder trained on (and chose its checkpoint with) the non-holdout folds
-    finetuned = [cfgs["qwen"].source_name] * cfgs["qwen"].finetune + [cfgs["clip"].source_name] * cfgs["clip"].use_finetuned
+    # the caches whose encoder trained on (and chose its checkpoint with) the non-holdout folds; with one
+    # encoder per fold (encoder_folds=all) every row's vector comes from an encoder that never saw it
+    qwen, clip = cfgs["qwen"], cfgs["clip"]
+    finetuned = ([qwen.source_name] * (qwen.finetune and qwen.encoder_folds != "all")
+                 + [clip.source_name] * (clip.use_finetuned and getattr(clip, "encoder_folds", "holdout") != "all"))
     cfgs["heads"] = dataclasses.replace(cfgs["heads"], finetuned_sources=finetuned)
     return cfgs
 
@@ -131,10 +149,6 @@ def with_unseen_folds(cfg, finetuned: list[str], holdout: int):
     return dataclasses.replace(cfg, encoder_unseen_folds=[holdout] if set(used) & set(finetuned) else None)
 
 
-def fingerprint(*parts) -> str:
-    return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 @dataclass
 class Stage:
     name: str
@@ -144,12 +158,37 @@ class Stage:
     caches: tuple = ()  # embedding sources it writes, cleared when it reruns from scratch
     trainer: bool = False  # understands resume=
     ignores: frozenset = frozenset()  # config fields of its group it does not read (besides PLACEMENT)
+    train_only: bool = False  # reads train rows only: keyed by its train-side print, a new test.csv never reruns it
 
 
 def stage_settings(stage: Stage, cfg) -> dict:
     """The part of the group's config this stage's result depends on."""
     skip = PLACEMENT | stage.ignores
     return {k: v for k, v in to_dict(cfg).items() if k not in skip}
+
+
+def fingerprint_stage(stage: Stage, cfgs: dict, root: Path, prints: dict[str, StagePrint]) -> StagePrint:
+    """The stage's train-side and full prints (core.fingerprints), from its settings with paths made
+    relative to the root, the raw files' bytes (prepare) and its upstream stages' prints."""
+    cfg = cfgs[stage.group]
+    settings = portable(stage_settings(stage, cfg), root)
+    train_inputs = test_inputs = None
+    if stage.name == "prepare":
+        # the rows count, not where they lie; the folder counts on the test side only, because the
+        # stages that check the submission against raw test.csv find it through prepare's record
+        test_inputs = [settings.pop("raw_dir"), file_digest(Path(cfg.raw_dir) / "test.csv")]
+        train_inputs = file_digest(Path(cfg.raw_dir) / "train.csv")
+    upstream = [prints[u] for u in stage.after if u in prints]
+    return stage_print(stage.name, settings, upstream, train_inputs, test_inputs)
+
+
+def stage_keys(stages: list[Stage], cfgs: dict, root: Path) -> dict[str, str]:
+    """What each stage would be keyed by now (its train-side print or its full print), without running it."""
+    prints, keys = {}, {}
+    for stage in stages:
+        prints[stage.name] = fingerprint_stage(stage, cfgs, root, prints)
+        keys[stage.name] = prints[stage.name].train if stage.train_only else prints[stage.name].full
+    return keys
 
 
 def skip_siglip(cfg) -> None:
@@ -177,10 +216,16 @@ def build_stages(cfgs: dict, root: Path, profile: str) -> list[Stage]:
     if demo:
         stages.append(Stage("synthetic", "synthetic", (), synthetic.main))
     stages.append(Stage("prepare", "prepare", ("synthetic",), prepare.main))
-    if demo:
-        stages.append(Stage("tiny_models", "tiny_models", ("prepare",), tiny_models.main))
+    if demo:  # its tokenizers learn from the train texts only
+        stages.append(Stage("tiny_models", "tiny_models", ("prepare",), tiny_models.main, train_only=True))
     models = ("tiny_models",) if demo else ()
     fusion_models = ("qwen_clip", "all_embeddings")
+    # an extraction from a frozen encoder reads the base model, not what its training stage wrote
+    clip_frozen, qwen_frozen = not cfgs["clip"].use_finetuned, not cfgs["qwen"].finetune
+    clip_source = ("prepare", *models) if clip_frozen else ("clip_train",)
+    qwen_source = ("prepare", *models) if qwen_frozen else ("qwen_train",)
+    clip_reads = frozenset(TRAINING_ONLY["clip"]) if clip_frozen else frozenset()
+    qwen_reads = frozenset(TRAINING_ONLY["qwen"]) if qwen_frozen else frozenset()
 
     def train_fusion(cfg):
         return fusion_train.main(with_unseen_folds(cfg, cfgs["heads"].finetuned_sources, cfgs["prepare"].holdout_fold))
@@ -188,18 +233,20 @@ def build_stages(cfgs: dict, root: Path, profile: str) -> list[Stage]:
         Stage("siglip", "siglip", ("prepare", *models), skip_siglip if profile == "small" else siglip.main,
               caches=(cfgs["siglip"].image_source, cfgs["siglip"].text_source)),
         Stage("clip_train", "clip", ("prepare", *models), clip_train.main, trainer=True,
-              ignores=frozenset(EXTRACTION_ONLY["clip"])),
-        Stage("clip_extract", "clip", ("clip_train",), clip_extract.main, caches=(cfgs["clip"].source_name,)),
+              ignores=frozenset(EXTRACTION_ONLY["clip"]), train_only=True),
+        Stage("clip_extract", "clip", clip_source, clip_extract.main, caches=(cfgs["clip"].source_name,),
+              ignores=clip_reads),
         Stage("qwen_train", "qwen", ("prepare", *models), qwen_train.main, trainer=True,
-              ignores=frozenset(EXTRACTION_ONLY["qwen"])),
-        Stage("qwen_extract", "qwen", ("qwen_train",), qwen_extract.main, caches=(cfgs["qwen"].source_name,)),
-        Stage("qwen_predict", "qwen", ("qwen_train",), qwen_predict.main),
+              ignores=frozenset(EXTRACTION_ONLY["qwen"]), train_only=True),
+        Stage("qwen_extract", "qwen", qwen_source, qwen_extract.main, caches=(cfgs["qwen"].source_name,),
+              ignores=qwen_reads),
+        Stage("qwen_predict", "qwen", qwen_source, qwen_predict.main, ignores=qwen_reads),
         Stage("heads", "heads", ("prepare", "siglip", "clip_extract", "qwen_extract"), heads_train.main,
               caches=(cfgs["heads"].tabular_source,) if cfgs["heads"].tabular_source else ()),
         Stage("fusion_qwen_clip", "qwen_clip", ("clip_extract", "qwen_extract", "heads"), train_fusion, trainer=True,
-              ignores=frozenset(EXTRACTION_ONLY["qwen_clip"])),
+              ignores=frozenset(EXTRACTION_ONLY["qwen_clip"]), train_only=True),
         Stage("fusion_all", "all_embeddings", ("siglip", "clip_extract", "qwen_extract", "heads"), train_fusion,
-              trainer=True, ignores=frozenset(EXTRACTION_ONLY["all_embeddings"])),
+              trainer=True, ignores=frozenset(EXTRACTION_ONLY["all_embeddings"]), train_only=True),
         Stage("evaluate", "all_embeddings", ("fusion_qwen_clip", "fusion_all"),
               lambda cfg: [evaluate_by_groups.main(cfgs[m]) for m in fusion_models]),
         Stage("predict", "all_embeddings", ("fusion_qwen_clip", "fusion_all"),
@@ -210,15 +257,24 @@ def build_stages(cfgs: dict, root: Path, profile: str) -> list[Stage]:
     return stages
 
 
+def expert_load_text(load) -> str:
+    """A fusion model's mean gate load per expert, e.g. "0.31/0.35/0.34" (one list, or one per fold,
+    averaged); blank for a model without experts."""
+    if not load:
+        return ""
+    loads = np.array(list(load.values()) if isinstance(load, dict) else load, dtype=np.float64)
+    return "/".join(f"{x:.2f}" for x in loads.reshape(-1, loads.shape[-1]).mean(0))
+
+
 def report(cfgs: dict, root: Path) -> pd.DataFrame:
     """Every model in <root>/predictions/, scored on the train rows it predicted out of fold (or on
     the holdout fold), with what that figure is; test SMAPE against test_labels.csv where the
     catalog has one (the demo)."""
     from core.predictions import list_models, read_predictions
     from core.submission import check_submission
-    from core.tables import META_FILE, load_table
+    from core.tables import load_table
 
-    raw_dir = Path(read_json(Path(cfgs["prepare"].out_dir) / META_FILE)["config"]["raw_dir"])
+    raw_dir = Path(cfgs["prepare"].raw_dir)
     submission = Path(cfgs["ensemble"].output or root / "test_out.csv")
     problems = check_submission(submission, raw_dir / "test.csv")
     if problems:
@@ -233,7 +289,7 @@ def report(cfgs: dict, root: Path) -> pd.DataFrame:
     rows = [{"model": "constant median (baseline)", "figure": "out_of_fold", "rows": len(train),
              "smape": smape(train["price"], median_oof),
              "test_smape": smape(labels, np.full(len(labels), train["price"].median())) if labels is not None else float("nan"),
-             "how": "median price of the other folds"}]
+             "expert_load": "", "how": "median price of the other folds"}]
     for name in list_models(cfgs["ensemble"].predictions_dir):
         preds = read_predictions(cfgs["ensemble"].predictions_dir, name)
         meta = preds.meta
@@ -251,7 +307,8 @@ def report(cfgs: dict, root: Path) -> pd.DataFrame:
             test_smape = smape(labels, prices_from_log(test.loc[labels.index], floor))
         rows.append({"model": name, "figure": figure + (" (nested CV)" if name == "ensemble" else ""),
                      "rows": len(scored), "smape": smape(truth.loc[scored["sample_id"]], pred),
-                     "test_smape": test_smape, "how": meta.get("selection", "")})
+                     "test_smape": test_smape, "expert_load": expert_load_text(meta.get("expert_load")),
+                     "how": meta.get("selection", "")})
     table = pd.DataFrame(rows)
     table.to_csv(root / "report.csv", index=False)
     shown = table.drop(columns=["test_smape"]) if labels is None else table
@@ -279,24 +336,27 @@ def main(argv: list[str] | None = None) -> dict:
         unknown = [w for w in wanted if w not in names]
         if unknown:
             raise ConfigError(f"unknown stage(s) {unknown}; stages: {', '.join(names)}")
-    state_path = root / "pipeline_state.json"
+    state_path = root / STATE_FILE
     state = read_json(state_path) if state_path.exists() else {}
-    prints: dict[str, str] = {}
+    recorded = state.get("trained_with")
+    changes = version_differences(recorded["versions"]) if recorded else {}
+    if changes:
+        print(f"[pipeline] warning: this run was trained with other package versions ({describe_changes(changes)}); "
+              "stages that are up to date are not rerun for that")
+    prints: dict[str, StagePrint] = {}
     timings = {}
     for stage in stages:
         cfg = cfgs[stage.group]
-        settings = stage_settings(stage, cfg)
-        if stage.name == "prepare":  # new competition files rerun everything downstream
-            settings["inputs"] = [(p.stat().st_size, p.stat().st_mtime_ns) for p in
-                                  (Path(cfg.raw_dir) / "train.csv", Path(cfg.raw_dir) / "test.csv") if p.exists()]
-        prints[stage.name] = fingerprint(stage.name, settings, [prints.get(u) for u in stage.after])
+        # computed when the stage's turn comes: prepare's print reads the raw files the synthetic stage writes
+        prints[stage.name] = fingerprint_stage(stage, cfgs, root, prints)
+        key = prints[stage.name].train if stage.train_only else prints[stage.name].full
         if wanted and stage.name not in wanted:
             continue
         previous = state.get(stage.name, {})
-        if previous.get("fingerprint") == prints[stage.name] and previous.get("complete") and stage.name != "report":
+        if previous.get("fingerprint") == key and previous.get("complete") and stage.name != "report":
             print(f"[pipeline] {stage.name}: up to date, skipped")
             continue
-        changed = previous.get("fingerprint") not in (None, prints[stage.name])
+        changed = previous.get("fingerprint") not in (None, key)
         if changed:
             print(f"[pipeline] {stage.name}: config or an upstream stage changed, rerunning from scratch")
             for source in stage.caches:
@@ -305,11 +365,13 @@ def main(argv: list[str] | None = None) -> dict:
             cfg = dataclasses.replace(cfg, resume=not changed)
         print(f"[pipeline] {stage.name}: running")
         t0 = time.time()
-        state[stage.name] = {"fingerprint": prints[stage.name], "complete": False}
+        state[stage.name] = {"fingerprint": key, "complete": False}
+        if stage.train_only:  # what a scoring run on this root compares its packages against
+            state["trained_with"] = {"profile": profile, "versions": installed_versions()}
         write_json(state_path, state)
         stage.run(cfg)
         timings[stage.name] = round(time.time() - t0, 1)
-        state[stage.name] = {"fingerprint": prints[stage.name], "complete": True, "seconds": timings[stage.name]}
+        state[stage.name] = {"fingerprint": key, "complete": True, "seconds": timings[stage.name]}
         write_json(state_path, state)
     if timings:
         print("[pipeline] seconds per stage: " + ", ".join(f"{k} {v}" for k, v in timings.items()))

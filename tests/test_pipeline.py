@@ -1,12 +1,17 @@
 """The whole pipeline on a catalog smaller than the demo: every stage, the final table, skipping."""
+import contextlib
+import os
+import shutil
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
 import pipeline
 from core.config import ConfigError
-from core.io import read_json
+from core.fingerprints import installed_versions, version_changes
+from core.io import read_json, write_json
 from core.submission import check_submission
 
 SMALL = ["synthetic.n_train=700", "synthetic.n_test=200", "clip.epochs=6",
@@ -106,3 +111,106 @@ def test_a_catalog_without_one_usable_image_completes(tmp_path, capsys):
     assert "clip_head" not in table.index and "all_embeddings" in table.index
     assert read_json(root / "predictions" / "all_embeddings" / "meta.json")["sources"] == ["siglip_text", "qwen_text"]
 
+
+
+# ---------------------------------------------------------------- a trained root: content prints, copies, versions
+# These build on the demo run above (they come last: the tests above change its settings and this settles them).
+
+@pytest.fixture(scope="module")
+def copied_run(demo_run, tmp_path_factory):
+    """(the demo root, a copy of it made with cp -r after the demo settled)."""
+    root, _ = demo_run
+    pipeline.main(["profile=tiny", f"root={root}", *SMALL])
+    copy = tmp_path_factory.mktemp("copied") / "run"
+    shutil.copytree(root, copy)
+    return root, copy
+
+
+@contextlib.contextmanager
+def moved_away(path: Path):
+    """The folder is not where it was while the block runs: whatever reads it fails."""
+    away = path.with_name(path.name + "_away")
+    path.rename(away)
+    try:
+        yield
+    finally:
+        away.rename(path)
+
+
+def train_vectors(root: Path) -> dict:
+    from core.embedding_cache import load_embeddings
+    from core.tables import load_table
+
+    ids = load_table(root / "data", "train")["sample_id"]
+    return {s: load_embeddings(root / "embeddings", s, "train", ids).values
+            for s in ("siglip_text", "clip_image", "qwen_text", "text_tabular")}
+
+
+def test_a_copied_root_is_up_to_date_and_reads_nothing_of_the_original(copied_run):
+    root, copy = copied_run
+    with moved_away(root):
+        assert list(pipeline.main(["profile=tiny", f"root={copy}", *SMALL])) == ["report"]
+    assert (copy / "test_out.csv").read_bytes() == (root / "test_out.csv").read_bytes()
+    assert read_json(copy / "pipeline_state.json")["trained_with"] == {"profile": "tiny", "versions": installed_versions()}
+
+
+def test_a_touched_or_copied_train_file_reruns_nothing(copied_run):
+    _, copy = copied_run
+    train_csv = copy / "raw" / "train.csv"
+    os.utime(train_csv, (1, 1))
+    assert list(pipeline.main(["profile=tiny", f"root={copy}", *SMALL])) == ["report"]
+    shutil.copy(train_csv, copy / "train_backup.csv")
+    shutil.copy(copy / "train_backup.csv", train_csv)  # the same rows, a new file time
+    assert list(pipeline.main(["profile=tiny", f"root={copy}", *SMALL])) == ["report"]
+
+
+def test_a_new_test_file_reruns_what_reads_test_rows_and_no_training(copied_run):
+    """The training stages are kept, and stay valid: the extractions rerun on the same train rows and
+    give back the same train vectors, and the kept fusion runs predict the new test rows."""
+    root, copy = copied_run
+    before = train_vectors(copy)
+    test_csv = copy / "raw" / "test.csv"
+    test = pd.read_csv(test_csv, dtype={"sample_id": str})
+    changed_ids = test["sample_id"].iloc[:20]
+    test.loc[:19, "catalog_content"] = test.loc[:19, "catalog_content"].str.replace("Value: ", "Value: 1", n=1)
+    test.to_csv(test_csv, index=False)
+    with moved_away(root):
+        timings = pipeline.main(["profile=tiny", f"root={copy}", *SMALL])
+    assert list(timings) == ["prepare", "siglip", "clip_extract", "qwen_extract", "qwen_predict", "heads", "evaluate",
+                             "predict", "ensemble", "report"]
+    after = train_vectors(copy)
+    for source in before:
+        assert np.array_equal(before[source], after[source]), source
+    assert check_submission(copy / "test_out.csv", test_csv) == []
+    for model in ("ridge", "all_embeddings"):  # the new rows were predicted, by the kept runs too
+        old, new = (pd.read_parquet(r / "predictions" / model / "test.parquet").set_index("sample_id")["log_pred"]
+                    for r in (root, copy))
+        assert (old.loc[changed_ids] != new.loc[changed_ids]).mean() > 0.5, model
+    assert list(pipeline.main(["profile=tiny", f"root={copy}", *SMALL])) == ["report"]
+
+
+def test_other_package_versions_are_reported_in_one_line(copied_run, capsys):
+    _, copy = copied_run
+    state = read_json(copy / "pipeline_state.json")
+    recorded = state["trained_with"]["versions"]
+    state["trained_with"]["versions"] = {**recorded, "numpy": "0.0.1"}
+    write_json(copy / "pipeline_state.json", state)
+    try:
+        assert version_changes(copy) == {"numpy": ("0.0.1", recorded["numpy"])}
+        capsys.readouterr()
+        assert list(pipeline.main(["profile=tiny", f"root={copy}", *SMALL])) == ["report"]
+        warnings = [line for line in capsys.readouterr().out.splitlines() if "warning" in line]
+        assert len(warnings) == 1 and f"numpy 0.0.1 -> {recorded['numpy']}" in warnings[0]
+    finally:
+        state["trained_with"]["versions"] = recorded
+        write_json(copy / "pipeline_state.json", state)
+
+
+def test_the_report_shows_a_fusion_model_expert_load(copied_run):
+    _, copy = copied_run
+    meta_path = copy / "predictions" / "all_embeddings" / "meta.json"
+    write_json(meta_path, {**read_json(meta_path), "expert_load": [0.312, 0.349, 0.339]})
+    pipeline.main(["profile=tiny", f"root={copy}", *SMALL, "stages=report"])
+    table = pd.read_csv(copy / "report.csv", keep_default_na=False).set_index("model")
+    assert table.loc["all_embeddings", "expert_load"] == "0.31/0.35/0.34"
+    assert table.loc["ridge", "expert_load"] == ""
