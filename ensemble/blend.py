@@ -18,6 +18,7 @@ are left out with a log line.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -396,6 +397,31 @@ def check_config(cfg: EnsembleConfig):
                           f"{cfg.calibration_scale_max}: the range must hold 1 (no change)")
 
 
+def blend_record(names: list[str], blend: Blend, floor: float, calibrated: bool) -> dict:
+    """Everything that prices a row from its models' log predictions, as JSON (floats round-trip exactly):
+    ensemble.json's "blend" entry, read back by `price_rows`."""
+    calibration = None
+    if calibrated and blend.calibration is not None:
+        calibration = {k: (v.tolist() if isinstance(v, np.ndarray) else v)
+                       for k, v in dataclasses.asdict(blend.calibration).items() if k != "inner_cv_smape"}
+    return {"models": list(names), "weights": [float(w) for w in blend.weights], "scale": float(blend.scale),
+            "price_floor": float(floor), "calibration": calibration}
+
+
+def price_rows(record: dict, log_preds: dict) -> np.ndarray:
+    """Prices from a stored blend (`blend_record`) and each blended model's log1p predictions for the
+    same rows ({model: array}); a model the blend needs and `log_preds` lacks is an error naming it."""
+    missing = [m for m in record["models"] if m not in log_preds]
+    if missing:
+        raise PipelineError(f"the blend needs predictions from {', '.join(missing)}; it has {', '.join(log_preds) or 'none'}")
+    columns = np.column_stack([np.asarray(log_preds[m], dtype=np.float64) for m in record["models"]])
+    stored = record["calibration"]
+    calibration = None if stored is None else Calibration(**{k: (np.asarray(v) if k in ("edges", "log_scales", "counts")
+                                                                 else v) for k, v in stored.items()})
+    blend = Blend(np.asarray(record["weights"], dtype=np.float64), record["scale"], calibration)
+    return predict_prices(blend, columns, record["price_floor"], calibrated=calibration is not None)
+
+
 def main(cfg: EnsembleConfig) -> Path:
     out_dir = Path(cfg.predictions_dir) / ENSEMBLE_MODEL
     check_config(cfg)
@@ -441,7 +467,9 @@ def main(cfg: EnsembleConfig) -> Path:
     in_sample = {kind: smape(y_clean, predict_prices(final, oof[clean], floor, calibrated=kind == "calibrated"))
                  for kind in ("uncalibrated", "calibrated")}
     in_sample_smape = in_sample["calibrated" if use_calibration else "uncalibrated"]
-    test_prices = predict_prices(final, test_log, floor, calibrated=use_calibration)
+    # the test rows are priced from the stored record, the same path that prices new rows later
+    record = blend_record(names, final, floor, use_calibration)
+    test_prices = price_rows(record, dict(zip(names, test_log.T)))
 
     # the submission, checked against the raw test CSV when it is still where the data stage read it
     output = Path(cfg.output) if cfg.output else Path(cfg.predictions_dir).parent / "test_out.csv"
@@ -489,6 +517,7 @@ def main(cfg: EnsembleConfig) -> Path:
         "nested_cv_smape_by_decile": deciles.to_dict(orient="records"),
         "nested_cv_smape_by_predicted_decile": predicted_deciles.to_dict(orient="records"),
         "output": str(output),
+        "blend": record,
         "config": to_dict(cfg),
     }
     selection = "weights and scale fitted on the other folds (nested CV)"

@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 
 from core.config import ConfigError, parse_args
+from core.errors import PipelineError
 from core.metrics import prices_from_log, smape
 from core.predictions import PredictionsError, read_predictions, write_predictions
 from core.submission import check_submission
@@ -374,3 +375,26 @@ def test_bench_shows_the_expert_load_per_expert():
     assert expert_load_text({"expert_load": per_fold}) == "0.50/0.40/0.10 (min 0.10)"
     assert expert_load_text({"expert_load": [0.0, 0.0, 1.0]}) == "0.00/0.00/1.00 (min 0.00)"  # a collapsed gate
     assert expert_load_text({"oof_kind": "out_of_fold"}) == ""
+
+
+@pytest.mark.parametrize("calibration_min_gain", [-1000.0, 1000.0])  # calibration forced on, forced off
+def test_stored_blend_reprices_the_test_rows_exactly(stage, calibration_min_gain):
+    from dataclasses import replace
+
+    from core.predictions import read_predictions as read
+    from ensemble.blend import price_rows
+
+    cfg = replace(stage[0], calibration_min_gain=calibration_min_gain)
+    main(cfg)
+    record = json.loads((cfg.predictions_dir / "ensemble" / "ensemble.json").read_text())["blend"]
+    assert (record["calibration"] is not None) == (calibration_min_gain < 0)
+    logs = {m: read(cfg.predictions_dir, m).test.set_index("sample_id")["log_pred"] for m in record["models"]}
+    ids = list(logs[record["models"][0]].index)
+    prices = price_rows(record, {m: v.loc[ids].to_numpy() for m, v in logs.items()})
+    written = np.expm1(read(cfg.predictions_dir, "ensemble").test.set_index("sample_id")["log_pred"].loc[ids])
+    np.testing.assert_allclose(prices, written, rtol=1e-12)
+    # any subset of rows gets the same prices: a row's price depends on that row alone
+    np.testing.assert_array_equal(price_rows(record, {m: v.loc[ids[5:9]].to_numpy() for m, v in logs.items()}),
+                                  prices[5:9])
+    with pytest.raises(PipelineError, match="needs predictions from blurry"):
+        price_rows(record, {"sharp": logs["sharp"].to_numpy()})
