@@ -78,6 +78,7 @@ def root_overrides(root: Path, demo: bool) -> list[str]:
     for group in ("clip", "qwen", "qwen_clip", "all_embeddings", "heads", "ensemble"):
         tokens.append(f"{group}.predictions_dir={root / 'predictions'}")
     tokens += [f"clip.out_dir={root / 'clip_finetune'}", f"qwen.out_dir={root / 'qwen3_finetune'}",
+               f"heads.out_dir={root / 'heads'}",
                f"qwen_clip.out_dir={root / 'fusion'}", f"all_embeddings.out_dir={root / 'fusion'}",
                f"ensemble.data_dir={root / 'data'}", f"ensemble.output={root / 'test_out.csv'}"]
     return tokens

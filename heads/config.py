@@ -16,6 +16,7 @@ class HeadsConfig:
     data_dir: Path = Path("checkpoints/data")  # processed tables from data.prepare (the folds live here)
     embeddings_dir: Path = Path("checkpoints/embeddings")  # caches: embeddings_dir/<source>/<split>/
     predictions_dir: Path = Path("checkpoints/predictions")  # each head writes predictions_dir/<head>/
+    out_dir: Path = Path("checkpoints/heads")  # the fitted run (fold models, vectorizers, ...) heads.predict reads
     heads: list[str] = field(default_factory=lambda: list(DEFAULT_HEADS))  # which of HEADS to train
     # caches used as LightGBM inputs and neighbour spaces; a missing or skipped one is left out with a log line
     embedding_sources: list[str] = field(default_factory=lambda: ["qwen_text", "siglip_text", "clip_image", "siglip_image"])
@@ -65,11 +66,13 @@ PROFILES = {
     "default": HeadsConfig(),
     # real folders, settings for a 2-core CPU: ~7k train rows in a few minutes
     "small": HeadsConfig(heads=list(HEADS), word_max_features=100_000, char_max_features=150_000, lgbm_rounds=800,
-                         lgbm_learning_rate=0.03, lgbm_num_leaves=31, lgbm_threads=1, chunk_size=1024),
+                         lgbm_learning_rate=0.03, lgbm_num_leaves=31, lgbm_threads=1, chunk_size=1024,
+                         out_dir=Path("checkpoints/small/heads")),
     # the demo's folders and tiny settings, for the demo and tests
     "tiny": HeadsConfig(heads=list(HEADS), data_dir=Path("checkpoints/demo/data"), embeddings_dir=Path("checkpoints/demo/embeddings"),
                         tabular_svd_dims=32,
-                        predictions_dir=Path("checkpoints/demo/predictions"), word_max_features=20_000,
+                        predictions_dir=Path("checkpoints/demo/predictions"), out_dir=Path("checkpoints/demo/heads"),
+                        word_max_features=20_000,
                         char_max_features=20_000, tfidf_svd_dims=16, embedding_svd_dims=8, knn_k=5, neighbour_k=5,
                         lgbm_rounds=150, lgbm_learning_rate=0.08, lgbm_num_leaves=15, lgbm_min_child_samples=10,
                         lgbm_threads=1, chunk_size=512, device="cpu"),

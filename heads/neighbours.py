@@ -110,22 +110,47 @@ class FoldNeighbours:
     test_similarities: np.ndarray
 
 
+def fold_masks(folds, fold_ids, train_present) -> np.ndarray:
+    """[n_folds, n_train]: the train rows the model scored on each fold may take as neighbours."""
+    return np.stack([(folds != f) & train_present for f in fold_ids])
+
+
+def train_neighbours(train_vectors, folds, k: int, train_present=None, device: str = "cpu", chunk_size: int = 1024):
+    """Each train row's neighbours for every fold model (indices, similarities [n_folds, n_train, k]):
+    never its own fold nor the scored one. A row without a vector has none and is none."""
+    folds = np.asarray(folds, dtype=np.int64)
+    fold_ids = sorted(np.unique(folds).tolist())
+    train_present = np.ones(len(folds), bool) if train_present is None else np.asarray(train_present, bool)
+    indices, similarities = nearest(train_vectors, train_vectors, k, fold_masks(folds, fold_ids, train_present),
+                                    query_groups=folds, candidate_groups=folds, device=device, chunk_size=chunk_size)
+    indices[:, ~train_present], similarities[:, ~train_present] = NO_NEIGHBOUR, np.nan
+    return indices, similarities
+
+
+def row_neighbours(row_vectors, train_vectors, folds, k: int, train_present=None, row_present=None,
+                   device: str = "cpu", chunk_size: int = 1024):
+    """Neighbours of new rows (not train rows) for every fold model (indices, similarities
+    [n_folds, n_rows, k]): the train rows of every fold but the scored one. Each row's result depends
+    on that row alone."""
+    folds = np.asarray(folds, dtype=np.int64)
+    fold_ids = sorted(np.unique(folds).tolist())
+    train_present = np.ones(len(folds), bool) if train_present is None else np.asarray(train_present, bool)
+    n_rows = row_vectors.shape[0]
+    row_present = np.ones(n_rows, bool) if row_present is None else np.asarray(row_present, bool)
+    indices, similarities = nearest(row_vectors, train_vectors, k, fold_masks(folds, fold_ids, train_present),
+                                    device=device, chunk_size=chunk_size)
+    indices[:, ~row_present], similarities[:, ~row_present] = NO_NEIGHBOUR, np.nan
+    return indices, similarities
+
+
 def fold_neighbours(train_vectors, test_vectors, folds, k: int, train_present=None, test_present=None,
                     device: str = "cpu", chunk_size: int = 1024) -> list[FoldNeighbours]:
     """One FoldNeighbours per fold (in sorted fold order). Rows whose vector is missing
     (present=False) are never neighbours, and get no neighbours themselves."""
-    folds = np.asarray(folds, dtype=np.int64)
-    fold_ids = sorted(np.unique(folds).tolist())
-    n_train = len(folds)
-    train_present = np.ones(n_train, bool) if train_present is None else np.asarray(train_present, bool)
-    n_test = test_vectors.shape[0]
-    test_present = np.ones(n_test, bool) if test_present is None else np.asarray(test_present, bool)
-    allowed = np.stack([(folds != f) & train_present for f in fold_ids])
-    train_idx, train_sim = nearest(train_vectors, train_vectors, k, allowed, query_groups=folds,
-                                   candidate_groups=folds, device=device, chunk_size=chunk_size)
-    test_idx, test_sim = nearest(test_vectors, train_vectors, k, allowed, device=device, chunk_size=chunk_size)
-    train_idx[:, ~train_present], train_sim[:, ~train_present] = NO_NEIGHBOUR, np.nan
-    test_idx[:, ~test_present], test_sim[:, ~test_present] = NO_NEIGHBOUR, np.nan
+    fold_ids = sorted(np.unique(np.asarray(folds, dtype=np.int64)).tolist())
+    train_idx, train_sim = train_neighbours(train_vectors, folds, k, train_present, device, chunk_size)
+    test_idx, test_sim = row_neighbours(test_vectors, train_vectors, folds, k, train_present, test_present, device,
+                                        chunk_size)
     return [FoldNeighbours(f, train_idx[m], train_sim[m], test_idx[m], test_sim[m]) for m, f in enumerate(fold_ids)]
 
 

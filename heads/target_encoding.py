@@ -51,6 +51,73 @@ def category_keys(table: pd.DataFrame, fields=FIELDS) -> pd.DataFrame:
 
 
 @dataclass
+class KeyStatistics:
+    """One field's target sums and counts per key and fold over the train rows: all that encoding any
+    row needs, a train row (under the fold rule) or a new one."""
+    fold_ids: list[int]
+    key_rows: dict  # key -> row of sums / counts
+    sums: np.ndarray  # [n_keys + 1, n_folds]; the last row (all zeros) serves keys no train row has
+    counts: np.ndarray
+    fold_sum: np.ndarray  # [n_folds] the target summed over each fold's rows
+    fold_count: np.ndarray
+
+    def codes(self, keys) -> np.ndarray:
+        """Row of each key in `sums`; the zero row for an unseen key, -1 for None (no key)."""
+        unseen = len(self.sums) - 1
+        return np.array([-1 if k is None or k != k else self.key_rows.get(k, unseen) for k in keys], dtype=np.int64)
+
+
+def key_statistics(train_keys, target, folds) -> KeyStatistics:
+    folds = np.asarray(folds, dtype=np.int64)
+    target = np.asarray(target, dtype=np.float64)
+    fold_ids = sorted(np.unique(folds).tolist())
+    fold_index = np.searchsorted(fold_ids, folds)
+    train_keys = pd.Series(list(train_keys), dtype=object)
+    codes, uniques = pd.factorize(train_keys)
+    n_keys, n_folds = len(uniques) + 1, len(fold_ids)
+    keyed = codes >= 0
+    sums, counts = np.zeros((n_keys, n_folds)), np.zeros((n_keys, n_folds))
+    np.add.at(sums, (codes[keyed], fold_index[keyed]), target[keyed])
+    np.add.at(counts, (codes[keyed], fold_index[keyed]), 1.0)
+    fold_sum = np.bincount(fold_index, weights=target, minlength=n_folds)
+    fold_count = np.bincount(fold_index, minlength=n_folds).astype(np.float64)
+    return KeyStatistics(fold_ids, {k: i for i, k in enumerate(uniques.tolist())}, sums, counts, fold_sum, fold_count)
+
+
+def encode(stats: KeyStatistics, codes: np.ndarray, leave_out: np.ndarray, m: float):
+    """(smoothed mean, count) over the folds not in `leave_out` ([n, 2] fold positions per row). The
+    kept folds' sums are added (not the left-out ones subtracted), so a left-out price cannot move a bit
+    of it; NaN and 0 where a row has no key."""
+    n_folds = len(stats.fold_ids)
+    keep = np.ones((len(codes), n_folds))
+    keep[np.arange(len(codes)), leave_out[:, 0]] = 0.0
+    keep[np.arange(len(codes)), leave_out[:, 1]] = 0.0
+    missing = codes == -1
+    rows = np.where(missing, len(stats.sums) - 1, codes)
+    s, c = (stats.sums[rows] * keep).sum(axis=1), (stats.counts[rows] * keep).sum(axis=1)
+    global_mean = (keep * stats.fold_sum).sum(axis=1) / np.maximum((keep * stats.fold_count).sum(axis=1), 1.0)
+    weight = c + m
+    # m = 0 and no row with the key: the global mean
+    mean = np.where(weight > 0, (s + m * global_mean) / np.where(weight > 0, weight, 1.0), global_mean)
+    return np.where(missing, np.nan, mean), np.where(missing, 0.0, c)
+
+
+def encode_train_rows(stats: KeyStatistics, train_keys, folds, fold_position: int, m: float):
+    """The train rows' encoding for the model scored on fold `fold_ids[fold_position]`: each row from the
+    folds other than that one and its own."""
+    fold_index = np.searchsorted(stats.fold_ids, np.asarray(folds, dtype=np.int64))
+    leave_out = np.stack([np.full(len(fold_index), fold_position), fold_index], axis=1)
+    return encode(stats, stats.codes(train_keys), leave_out, m)
+
+
+def encode_new_rows(stats: KeyStatistics, keys, fold_position: int, m: float):
+    """New rows' encoding for the model scored on fold `fold_ids[fold_position]`: from every other fold,
+    the rows that encode the scored fold's rows, so the model sees the distribution it was scored on."""
+    codes = stats.codes(keys)
+    return encode(stats, codes, np.full((len(codes), 2), fold_position), m)
+
+
+@dataclass
 class FoldEncoding:
     """One field's encoding for the model scored on `fold`."""
     fold: int
@@ -65,54 +132,46 @@ def fold_target_encoding(train_keys, test_keys, target, folds, m: float) -> list
     Keys that are None get NaN (no encoding) and count 0. Test rows are encoded from the folds other
     than f, the same rows that encode the scored fold's rows, so the model's test features have the
     scored fold's distribution."""
-    folds = np.asarray(folds, dtype=np.int64)
-    target = np.asarray(target, dtype=np.float64)
-    fold_ids = sorted(np.unique(folds).tolist())
-    fold_index = np.searchsorted(fold_ids, folds)
-    train_keys, test_keys = pd.Series(list(train_keys), dtype=object), pd.Series(list(test_keys), dtype=object)
-    codes, uniques = pd.factorize(pd.concat([train_keys, test_keys], ignore_index=True))
-    train_codes, test_codes = codes[:len(train_keys)], codes[len(train_keys):]
-    n_keys, n_folds = len(uniques) + 1, len(fold_ids)  # last row: missing keys (code -1)
-    sums, counts = np.zeros((n_keys, n_folds)), np.zeros((n_keys, n_folds))
-    np.add.at(sums, (train_codes, fold_index), target)
-    np.add.at(counts, (train_codes, fold_index), 1.0)
-    fold_sum = np.bincount(fold_index, weights=target, minlength=n_folds)
-    fold_count = np.bincount(fold_index, minlength=n_folds).astype(np.float64)
-
-    def encode(codes, leave_out):
-        """Smoothed mean over the folds not in `leave_out` ([n, 2] fold indices per row). The kept folds'
-        sums are added (not the left-out ones subtracted), so a left-out price cannot move a bit of it."""
-        keep = np.ones((len(codes), n_folds))
-        keep[np.arange(len(codes)), leave_out[:, 0]] = 0.0
-        keep[np.arange(len(codes)), leave_out[:, 1]] = 0.0
-        s, c = (sums[codes] * keep).sum(axis=1), (counts[codes] * keep).sum(axis=1)
-        global_mean = (keep * fold_sum).sum(axis=1) / np.maximum((keep * fold_count).sum(axis=1), 1.0)
-        weight = c + m
-        # m = 0 and no row with the key: the global mean
-        mean = np.where(weight > 0, (s + m * global_mean) / np.where(weight > 0, weight, 1.0), global_mean)
-        missing = codes == -1
-        return np.where(missing, np.nan, mean), np.where(missing, 0.0, c)
-
+    train_keys, test_keys = list(train_keys), list(test_keys)
+    stats = key_statistics(train_keys, target, folds)
     result = []
-    for a, f in enumerate(fold_ids):
-        train_mean, train_count = encode(train_codes, np.stack([np.full(len(folds), a), fold_index], axis=1))
-        test_mean, test_count = encode(test_codes, np.full((len(test_codes), 2), a))
+    for a, f in enumerate(stats.fold_ids):
+        train_mean, train_count = encode_train_rows(stats, train_keys, folds, a, m)
+        test_mean, test_count = encode_new_rows(stats, test_keys, a, m)
         result.append(FoldEncoding(f, train_mean, train_count, test_mean, test_count))
     return result
+
+
+def fit_statistics(train_keys: pd.DataFrame, targets: dict, folds) -> dict:
+    """{tag: {field: KeyStatistics}} for every target ({tag: train values}) and field (column of keys)."""
+    return {tag: {field: key_statistics(list(train_keys[field]), target, folds) for field in train_keys.columns}
+            for tag, target in targets.items()}
+
+
+def encoding_columns(statistics: dict, keys: pd.DataFrame, m: float, folds=None) -> list[dict]:
+    """Per fold (sorted order): {column: values} for every target and field; columns are named
+    `te_<field>` (mean), `te_<field>_count` and `<tag>_<field>` per extra target. `folds` given: the rows
+    are the train rows (each also leaves its own fold out); None: new rows."""
+    per_fold = None
+    for tag, by_field in statistics.items():
+        for field, stats in by_field.items():
+            field_keys = list(keys[field])
+            if per_fold is None:
+                per_fold = [{} for _ in stats.fold_ids]
+            for a, columns in enumerate(per_fold):
+                if folds is None:
+                    mean, count = encode_new_rows(stats, field_keys, a, m)
+                else:
+                    mean, count = encode_train_rows(stats, field_keys, folds, a, m)
+                columns[f"{tag}_{field}"] = mean
+                if tag == "te":  # the count does not depend on the target: one column per field
+                    columns[f"te_{field}_count"] = count
+    return per_fold or []
 
 
 def target_encoding_columns(train_keys: pd.DataFrame, test_keys: pd.DataFrame, targets: dict, folds,
                             m: float) -> list[tuple[dict, dict]]:
     """Per fold (sorted order): ({column: train values}, {column: test values}) for every field and
-    target; columns are named `te_<field>` (mean), `te_<field>_count` and `<tag>_<field>` per extra target."""
-    per_fold = None
-    for tag, target in targets.items():
-        for field in train_keys.columns:
-            encodings = fold_target_encoding(train_keys[field], test_keys[field], target, folds, m)
-            if per_fold is None:
-                per_fold = [({}, {}) for _ in encodings]
-            for (train_cols, test_cols), enc in zip(per_fold, encodings):
-                train_cols[f"{tag}_{field}"], test_cols[f"{tag}_{field}"] = enc.train_mean, enc.test_mean
-                if tag == "te":  # the count does not depend on the target: one column per field
-                    train_cols[f"te_{field}_count"], test_cols[f"te_{field}_count"] = enc.train_count, enc.test_count
-    return per_fold or []
+    target; columns as in `encoding_columns`."""
+    statistics = fit_statistics(train_keys, targets, folds)
+    return list(zip(encoding_columns(statistics, train_keys, m, folds), encoding_columns(statistics, test_keys, m)))

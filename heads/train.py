@@ -1,10 +1,14 @@
-"""Train the classical heads out of fold and write their predictions.
+"""Fit the classical heads out of fold, save the fitted run, and write their predictions.
 
     python -m heads.train [heads=ridge,knn_per_qty,lgbm] [profile=default|small|tiny] key=value ...
 
 Every head trains once per fold of the data stage's `fold` column: the model scored on fold f
-never saw fold f, test predictions are the mean of the fold models in log space, and each head
-writes `predictions_dir/<head>/` in the core.predictions format with oof_kind "out_of_fold".
+never saw fold f. The fold models and every train-side quantity a new row's price needs (TF-IDF,
+SVD projections, the train rows' vectors and targets, target-encoding statistics) are saved under
+`out_dir` (heads.predict.save_run), so `python -m heads.predict` prices new rows without refitting.
+Test predictions are the mean of the fold models in log space, made by heads.predict.predict_rows,
+and each head writes `predictions_dir/<head>/` in the core.predictions format with oof_kind
+"out_of_fold".
 
   ridge  word + char TF-IDF -> Ridge on log1p(price)
   knn    distance-weighted mean log price of the nearest rows (cosine, TF-IDF or a cache)
@@ -30,9 +34,12 @@ from core.predictions import write_predictions
 from core.runtime import pick_device, seed_everything, setup_logging
 from core.tables import holdout_fold, load_table
 from heads.config import HEADS, PROFILES, HeadsConfig
-from heads.features import available_sources, svd_projection, tabular_features, tfidf_matrices
-from heads.neighbours import fold_neighbours, neighbour_price_features
-from heads.target_encoding import FIELDS as TARGET_ENCODING_FIELDS, category_keys, target_encoding_columns
+from heads.features import (TfidfText, available_sources, fit_svd, lgbm_base_features, lgbm_fold_frame, project,
+                            row_text, tabular_features)
+from heads.neighbours import neighbour_price_features, train_neighbours
+from heads.predict import (HeadsRun, RowFeatures, SourceFit, TabularFit, head_parts, load_row_vectors,
+                           quantity_offset, save_run, tabular_values, write_tabular_cache)
+from heads.target_encoding import FIELDS as TARGET_ENCODING_FIELDS, category_keys, encoding_columns, fit_statistics
 
 SELECTION = "fixed hyperparameters from the config; no early stopping or model choice on the scored fold"
 
@@ -56,15 +63,24 @@ def check_config(cfg: HeadsConfig) -> None:
         raise ConfigError(f"lgbm_objective={cfg.lgbm_objective!r}: use huber, l1 or regression")
 
 
+def search_k(cfg: HeadsConfig, space: str) -> int:
+    """Neighbours searched in `space`: one search serves every head that reads it."""
+    k = 0
+    if any(h.startswith("knn") for h in cfg.heads) and space == cfg.knn_space:
+        k = max(k, cfg.knn_k)
+    if any(h.startswith("lgbm") for h in cfg.heads):
+        k = max(k, cfg.neighbour_k)
+    return k
+
+
 class Inputs:
-    """Everything the heads share, built once: tables, folds, target, TF-IDF, caches, neighbours."""
+    """The train rows and what the heads share, built once: folds, targets, TF-IDF, caches, neighbours.
+    What a fit learns from them goes into `self.run`, the HeadsRun that prices any rows afterwards."""
 
     def __init__(self, cfg: HeadsConfig, log):
         self.cfg, self.log = cfg, log
         self.train = load_table(cfg.data_dir, "train").reset_index(drop=True)
-        self.test = load_table(cfg.data_dir, "test").reset_index(drop=True)
         self.train_ids = self.train["sample_id"].astype(str).to_numpy()
-        self.test_ids = self.test["sample_id"].astype(str).to_numpy()
         self.folds = self.train["fold"].to_numpy(dtype=np.int64)
         self.fold_ids = sorted(np.unique(self.folds).tolist())
         if len(self.fold_ids) < 3:
@@ -72,56 +88,86 @@ class Inputs:
         self.y = self.train["log_price"].to_numpy(dtype=np.float64)
         self.price = self.train["price"].to_numpy(dtype=np.float64)
         self.floor = float(self.price.min())
+        # the per-quantity twins learn log(price / quantity), log price where a row has no positive quantity
+        self.targets = {"log1p": self.y, "per_qty": np.log(self.price) - quantity_offset(self.train)}
         self.device = str(pick_device(cfg.device))
-        self._tfidf = self._sources = None
-        self._neighbours: dict[str, list] = {}
-        self._ridge_predictions = None
+        self.units = sorted(self.train["unit"].astype(str).unique().tolist())
+        self._cache = {}
+        self._ridge: dict[str, tuple] = {}
+
+    def _once(self, key, make):
+        if key not in self._cache:
+            self._cache[key] = make()
+        return self._cache[key]
+
+    @property
+    def text(self) -> TfidfText:
+        return self.tfidf_fit[0]
 
     @property
     def tfidf(self):
-        if self._tfidf is None:
+        """The train rows' TF-IDF matrix."""
+        return self.tfidf_fit[1]
+
+    @property
+    def tfidf_fit(self):
+        def fit():
             start = time.time()
-            self._tfidf = tfidf_matrices(self.train["text"].fillna("").astype(str),
-                                         self.test["text"].fillna("").astype(str), self.cfg)
-            self.log.info("TF-IDF: %d features (%.0f s)", self._tfidf[0].shape[1], time.time() - start)
-        return self._tfidf
+            text = TfidfText(self.cfg)
+            matrix = text.fit_transform(row_text(self.train))
+            self.log.info("TF-IDF: %d features (%.0f s)", matrix.shape[1], time.time() - start)
+            return text, matrix
+
+        return self._once("tfidf", fit)
 
     @property
     def sources(self):
-        if self._sources is None:
-            self._sources = {s.name: s for s in available_sources(self.cfg, self.train_ids, self.test_ids, self.log)}
-        return self._sources
+        return self._once("sources", lambda: {s.name: s for s in available_sources(self.cfg, self.train_ids, None,
+                                                                                  self.log)})
 
-    def neighbours(self, space: str, k: int):
-        """Per-fold neighbours in `space` ('tfidf' or a source name), at least k of them."""
-        if space not in self._neighbours or self._neighbours[space][0].train_indices.shape[1] < k:
-            start = time.time()
-            # one search serves both heads: as many neighbours as either asks for in this space
-            if any(h.startswith("knn") for h in self.cfg.heads) and space == self.cfg.knn_space:
-                k = max(k, self.cfg.knn_k)
-            if any(h.startswith("lgbm") for h in self.cfg.heads):
-                k = max(k, self.cfg.neighbour_k)
+    def neighbours(self, space: str):
+        """(indices, similarities) [n_folds, n_train, k] of the train rows in `space` ('tfidf' or a source)."""
+        def search():
+            start, k = time.time(), search_k(self.cfg, space)
             if space == "tfidf":
-                train, test = self.tfidf
-                result = fold_neighbours(train, test, self.folds, k, device=self.device, chunk_size=self.cfg.chunk_size)
+                result = train_neighbours(self.tfidf, self.folds, k, device=self.device, chunk_size=self.cfg.chunk_size)
             else:
                 if space not in self.sources:
                     raise ConfigError(f"neighbour space {space!r}: no cache for it under {self.cfg.embeddings_dir}")
                 s = self.sources[space]
-                result = fold_neighbours(s.train, s.test, self.folds, k, s.train_present, s.test_present,
-                                         device=self.device, chunk_size=self.cfg.chunk_size)
-            self._neighbours[space] = result
-            self.log.info("neighbours in %s: k=%d, %d folds (%.0f s)", space, k, len(result), time.time() - start)
-        return self._neighbours[space]
+                result = train_neighbours(s.train, self.folds, k, s.train_present, device=self.device,
+                                          chunk_size=self.cfg.chunk_size)
+            self.log.info("neighbours in %s: k=%d, %d folds (%.0f s)", space, k, len(self.fold_ids), time.time() - start)
+            return result
+
+        return self._once(("neighbours", space), search)
 
     def fold_mask(self, fold: int) -> np.ndarray:
         return self.folds == fold
 
-    def ridge_predictions(self):
-        """The ridge head on log1p(price), computed once: a head of its own and LightGBM's ridge feature."""
-        if self._ridge_predictions is None:
-            self._ridge_predictions = ridge_predictions(self, self.y)
-        return self._ridge_predictions
+    def ridge(self, tag: str):
+        """(out-of-fold predictions, fold models) of the ridge on target `tag`, fitted once: a head of its
+        own and (on log1p price) LightGBM's ridge feature."""
+        if tag not in self._ridge:
+            self._ridge[tag] = fit_ridge(self, self.targets[tag])
+        return self._ridge[tag]
+
+    @property
+    def run(self) -> HeadsRun:
+        """The fitted run the heads fill in as they train."""
+        def start_run():
+            spaces = set()
+            if any(h.startswith("knn") for h in self.cfg.heads):
+                spaces.add(self.cfg.knn_space)
+            if any(h.startswith("lgbm") for h in self.cfg.heads):
+                spaces.update(["tfidf", *self.sources])
+            return HeadsRun(cfg=self.cfg, fold_ids=self.fold_ids, train_ids=self.train_ids,
+                            train_text=row_text(self.train).to_numpy(), folds=self.folds, targets=self.targets,
+                            text=self.text, train_tfidf=self.tfidf, tfidf_svd=None, units=self.units, sources={},
+                            search_k={s: search_k(self.cfg, s) for s in sorted(spaces)}, device=self.device,
+                            chunk_size=self.cfg.chunk_size)
+
+        return self._once("run", start_run)
 
 
 # ---------------------------------------------------------------- ridge
@@ -132,31 +178,30 @@ def _ridge(alpha: float, seed: int):
     return Ridge(alpha=alpha, solver="sparse_cg", random_state=seed)
 
 
-def ridge_predictions(inputs: Inputs, target: np.ndarray):
-    """Out-of-fold ridge on the TF-IDF: (oof [n_train], test per fold [k, n_test])."""
-    cfg, (x_train, x_test) = inputs.cfg, inputs.tfidf
-    oof, test = np.zeros(len(target)), []
+def fit_ridge(inputs: Inputs, target: np.ndarray):
+    """Out-of-fold ridge on the TF-IDF: (oof [n_train], fold models)."""
+    cfg, x_train = inputs.cfg, inputs.tfidf
+    oof, models = np.zeros(len(target)), []
     for f in inputs.fold_ids:
         fit, scored = ~inputs.fold_mask(f), inputs.fold_mask(f)
         model = _ridge(cfg.ridge_alpha, cfg.seed).fit(x_train[fit], target[fit])
         oof[scored] = model.predict(x_train[scored])
-        test.append(model.predict(x_test))
-    return oof, np.stack(test)
+        models.append(model)
+    return oof, models
 
 
-def ridge_head(inputs: Inputs, target=None):
-    if target is None:
-        oof, test = inputs.ridge_predictions()
-    else:
-        oof, test = ridge_predictions(inputs, target)
-    return oof, test, {"embedding_sources": []}
+def ridge_head(inputs: Inputs, tag: str):
+    oof, models = inputs.ridge(tag)
+    inputs.run.ridge[tag] = models
+    return oof, {"embedding_sources": []}
 
 
-def ridge_inner_features(inputs: Inputs, oof: np.ndarray, test: np.ndarray):
-    """The ridge prediction as a LightGBM feature, per fold model f: rows of fold f and the test rows
-    get the model trained without f (the head's own out-of-fold prediction); rows of another fold g get
-    a model trained without f and g. One inner model serves the pair {f, g} both ways."""
-    cfg, (x_train, _) = inputs.cfg, inputs.tfidf
+def ridge_inner_features(inputs: Inputs, oof: np.ndarray) -> dict:
+    """The ridge prediction as a LightGBM feature of the train rows, per fold model f: rows of fold f get
+    the model trained without f (the head's own out-of-fold prediction); rows of another fold g get a
+    model trained without f and g. One inner model serves the pair {f, g} both ways. New rows get the
+    fold model f (the ridge head's), as the scored fold's rows do."""
+    cfg, x_train = inputs.cfg, inputs.tfidf
     pair_pred = {}
     for i, f in enumerate(inputs.fold_ids):
         for g in inputs.fold_ids[i + 1:]:
@@ -167,12 +212,12 @@ def ridge_inner_features(inputs: Inputs, oof: np.ndarray, test: np.ndarray):
             pred[both] = model.predict(x_train[both])
             pair_pred[(f, g)] = pair_pred[(g, f)] = pred
     features = {}
-    for m, f in enumerate(inputs.fold_ids):
+    for f in inputs.fold_ids:
         train_feature = np.where(inputs.fold_mask(f), oof, np.nan)
         for g in inputs.fold_ids:
             if g != f:
                 train_feature = np.where(inputs.fold_mask(g), pair_pred[(f, g)], train_feature)
-        features[f] = (train_feature, test[m])
+        features[f] = train_feature
     return features
 
 
@@ -183,74 +228,51 @@ def weighted_neighbour_price(indices, similarities, y, eps: float) -> np.ndarray
     return neighbour_price_features(indices, similarities, y, eps)["weighted_log_price"]
 
 
-def knn_head(inputs: Inputs, target=None):
-    """The neighbours' distance-weighted mean of the target (log1p price unless given)."""
-    cfg = inputs.cfg
-    target = inputs.y if target is None else target
-    per_fold = inputs.neighbours(cfg.knn_space, cfg.knn_k)
-    oof, test = np.zeros(len(target)), []
-    for fn in per_fold:
-        scored = inputs.fold_mask(fn.fold)
+def knn_head(inputs: Inputs, tag: str):
+    """The neighbours' distance-weighted mean of the target."""
+    cfg, target = inputs.cfg, inputs.targets[tag]
+    indices, similarities = inputs.neighbours(cfg.knn_space)
+    oof, fallbacks = np.zeros(len(target)), []
+    for m, f in enumerate(inputs.fold_ids):
+        scored = inputs.fold_mask(f)
         fallback = float(np.median(target[~scored]))  # rows without a vector in this space
         k = cfg.knn_k
-        pred = weighted_neighbour_price(fn.train_indices[scored, :k], fn.train_similarities[scored, :k], target,
-                                        cfg.distance_eps)
+        pred = weighted_neighbour_price(indices[m][scored, :k], similarities[m][scored, :k], target, cfg.distance_eps)
         oof[scored] = np.where(np.isnan(pred), fallback, pred)
-        pred = weighted_neighbour_price(fn.test_indices[:, :k], fn.test_similarities[:, :k], target, cfg.distance_eps)
-        test.append(np.where(np.isnan(pred), fallback, pred))
-    return oof, np.stack(test), {"embedding_sources": [cfg.knn_space]}
+        fallbacks.append(fallback)
+    inputs.run.knn_fallback[tag] = fallbacks
+    return oof, {"embedding_sources": [cfg.knn_space]}
 
 
 # ---------------------------------------------------------------- lgbm
 
-def lgbm_fold_frames(inputs: Inputs, m: int, fold: int, base_train, base_test, ridge_features, unit_target=None,
-                     encodings=None):
-    """(train features, test features) for the model scored on `fold`: the shared columns plus the
-    neighbour-price columns of every space (and, given `unit_target`, the neighbours' log price per
-    quantity), the ridge column and the target-encoding columns (`encodings`, per fold from
-    `fold_encodings`), all computed under the fold rule."""
-    cfg = inputs.cfg
-    train_cols, test_cols = {}, {}
-    targets = {"nb": inputs.y} if unit_target is None else {"nb": inputs.y, "nbq": unit_target}
-    for space in ["tfidf", *inputs.sources]:
-        fn = inputs.neighbours(space, cfg.neighbour_k)[m]
-        k = cfg.neighbour_k
-        for tag, values_of in targets.items():
-            for name, values in neighbour_price_features(fn.train_indices[:, :k], fn.train_similarities[:, :k],
-                                                         values_of, cfg.distance_eps).items():
-                train_cols[f"{space}_{tag}_{name}"] = values
-            for name, values in neighbour_price_features(fn.test_indices[:, :k], fn.test_similarities[:, :k],
-                                                         values_of, cfg.distance_eps).items():
-                test_cols[f"{space}_{tag}_{name}"] = values
-    if ridge_features is not None:
-        train_cols["ridge_log_price"], test_cols["ridge_log_price"] = ridge_features[fold]
-    if encodings:
-        train_cols.update(encodings[m][0])
-        test_cols.update(encodings[m][1])
-    train = pd.concat([base_train, pd.DataFrame(train_cols)], axis=1)
-    test = pd.concat([base_test, pd.DataFrame(test_cols)], axis=1)
-    return train, test
+def lgbm_shared_features(inputs: Inputs) -> pd.DataFrame:
+    """The train rows' columns that hold no price (structure, cheap text features, SVD projections);
+    the SVDs are fitted here, once, and join the run."""
+    def fit():
+        cfg, run = inputs.cfg, inputs.run
+        if cfg.tfidf_svd_dims > 0:
+            run.tfidf_svd = fit_svd(inputs.tfidf, cfg.tfidf_svd_dims, cfg.seed)
+        for name, s in inputs.sources.items():
+            svd = fit_svd(s.train, cfg.embedding_svd_dims, cfg.seed, s.train_present) if cfg.embedding_svd_dims > 0 else None
+            run.sources[name] = SourceFit(svd, s.train, s.train_present)
+        return lgbm_base_features(inputs.train, inputs.units, inputs.tfidf, run.tfidf_svd,
+                                  {name: (s.train, s.train_present) for name, s in inputs.sources.items()},
+                                  {name: s.svd for name, s in run.sources.items() if s.svd is not None})
+
+    return inputs._once("lgbm_base", fit)
 
 
-def lgbm_shared_features(inputs: Inputs):
-    """Columns that hold no price: structure, cheap text features and SVD projections."""
+def lgbm_fold_frames(inputs: Inputs, m: int, base_train: pd.DataFrame, targets: dict, ridge_features=None,
+                     encodings=None) -> pd.DataFrame:
+    """The train rows' features for the model scored on fold `fold_ids[m]`: the shared columns plus the
+    neighbour-price columns of every space and target (`targets`: {tag: train values}), the ridge column
+    and the target-encoding columns (`encodings`, per fold from `fold_encodings`), all under the fold rule."""
     cfg = inputs.cfg
-    units = sorted(inputs.train["unit"].astype(str).unique().tolist())
-    train_parts = [tabular_features(inputs.train, units)]
-    test_parts = [tabular_features(inputs.test, units)]
-    x_train, x_test = inputs.tfidf
-    if cfg.tfidf_svd_dims > 0:
-        p_train, p_test = svd_projection(x_train, x_test, cfg.tfidf_svd_dims, cfg.seed)
-        train_parts.append(pd.DataFrame(p_train).add_prefix("tfidf_svd_"))
-        test_parts.append(pd.DataFrame(p_test).add_prefix("tfidf_svd_"))
-    for s in inputs.sources.values():
-        if cfg.embedding_svd_dims <= 0:
-            continue
-        p_train, p_test = svd_projection(s.train, s.test, cfg.embedding_svd_dims, cfg.seed, s.train_present)
-        p_train[~s.train_present], p_test[~s.test_present] = np.nan, np.nan  # missing input, not a zero vector
-        train_parts.append(pd.DataFrame(p_train).add_prefix(f"{s.name}_svd_"))
-        test_parts.append(pd.DataFrame(p_test).add_prefix(f"{s.name}_svd_"))
-    return pd.concat(train_parts, axis=1), pd.concat(test_parts, axis=1)
+    neighbours = {s: tuple(a[m] for a in inputs.neighbours(s)) for s in ["tfidf", *inputs.sources]}
+    return lgbm_fold_frame(base_train, neighbours, targets, cfg.neighbour_k, cfg.distance_eps,
+                           None if ridge_features is None else ridge_features[inputs.fold_ids[m]],
+                           encodings[m] if encodings else None)
 
 
 def lgbm_params(cfg: HeadsConfig) -> dict:
@@ -264,108 +286,92 @@ def lgbm_params(cfg: HeadsConfig) -> dict:
     return params
 
 
-def quantity_offset(table: pd.DataFrame) -> np.ndarray:
-    """log(total quantity) where the catalog gives a positive one (the parsed Value, which is already
-    the pack's total: "12 Ounce (Pack of 6)" has Value 72), else 0 so the row keeps log price."""
-    q = pd.to_numeric(table["quantity_value"], errors="coerce").to_numpy(dtype=np.float64)
-    return np.where(np.isfinite(q) & (q > 0), np.log(np.where(q > 0, q, 1.0)), 0.0)
-
-
-def fold_encodings(inputs: Inputs, unit_target=None):
-    """Per fold: (train columns, test columns) of the out-of-fold target encodings of
-    cfg.target_encoding_fields, of log1p price (`te_*`, with the counts) and of `unit_target` (`teq_*`)."""
+def fold_encodings(inputs: Inputs, tag: str) -> list[dict]:
+    """Per fold: the train rows' out-of-fold target encodings of cfg.target_encoding_fields, of log1p
+    price (`te_*`, with the counts) and, for the per-quantity target, of it too (`teq_*`). Their key
+    statistics join the run."""
     cfg = inputs.cfg
     if not cfg.target_encoding_fields:
         return []
-    targets = {"te": inputs.y} if unit_target is None else {"te": inputs.y, "teq": unit_target}
-    return target_encoding_columns(category_keys(inputs.train, cfg.target_encoding_fields),
-                                   category_keys(inputs.test, cfg.target_encoding_fields),
-                                   targets, inputs.folds, cfg.target_encoding_m)
+    tags = ("te",) if tag == "log1p" else ("te", "teq")
+    keys = inputs._once("keys", lambda: category_keys(inputs.train, cfg.target_encoding_fields))
+    run = inputs.run
+    for te_tag, target_tag in (("te", "log1p"), ("teq", "per_qty")):
+        if te_tag in tags and te_tag not in run.encodings:
+            run.encodings.update(fit_statistics(keys, {te_tag: inputs.targets[target_tag]}, inputs.folds))
+    return train_encoding_columns({t: run.encodings[t] for t in tags}, keys, cfg.target_encoding_m, inputs.folds)
 
 
-def lgbm_head(inputs: Inputs, target=None, target_encoding: bool = True):
-    """LightGBM on the target (log1p price unless given); a given target is also summarised by the
-    neighbours and the encodings, beside log1p price."""
+def train_encoding_columns(statistics: dict, keys: pd.DataFrame, m: float, folds) -> list[dict]:
+    """The train rows' encoding columns per fold model (each row also leaves its own fold out)."""
+    return encoding_columns(statistics, keys, m, folds)
+
+
+def lgbm_head(inputs: Inputs, tag: str, head: str = "lgbm"):
+    """LightGBM on target `tag`; the per-quantity target is also summarised by the neighbours and the
+    encodings, beside log1p price."""
     import lightgbm as lgb
 
-    cfg = inputs.cfg
-    unit_target, target = target, inputs.y if target is None else target
-    base_train, base_test = lgbm_shared_features(inputs)
-    ridge_features = None
-    if cfg.ridge_feature:
-        ridge_features = ridge_inner_features(inputs, *inputs.ridge_predictions())
-    encodings = fold_encodings(inputs, unit_target) if target_encoding else []
-    oof, test, columns = np.zeros(len(target)), [], []
+    cfg, run = inputs.cfg, inputs.run
+    target = inputs.targets[tag]
+    base_train = lgbm_shared_features(inputs)
+    ridge_features = ridge_inner_features(inputs, inputs.ridge("log1p")[0]) if cfg.ridge_feature else None
+    if ridge_features is not None:
+        run.ridge["log1p"] = inputs.ridge("log1p")[1]
+    encodings = fold_encodings(inputs, tag) if head_parts(head)[0] == "lgbm" else []
+    targets = {"nb": inputs.y} if tag == "log1p" else {"nb": inputs.y, "nbq": target}
+    oof, boosters, columns = np.zeros(len(target)), [], []
     for m, f in enumerate(inputs.fold_ids):
-        x_train, x_test = lgbm_fold_frames(inputs, m, f, base_train, base_test, ridge_features, unit_target,
-                                           encodings)
+        x_train = lgbm_fold_frames(inputs, m, base_train, targets, ridge_features, encodings)
         fit, scored = ~inputs.fold_mask(f), inputs.fold_mask(f)
         data = lgb.Dataset(x_train[fit], target[fit], free_raw_data=True)
         model = lgb.train(lgbm_params(cfg), data, num_boost_round=cfg.lgbm_rounds)
+        # the model as saved and loaded (text), so the fit prices rows exactly as a loaded run does
+        model = lgb.Booster(model_str=model.model_to_string())
         oof[scored] = model.predict(x_train[scored])
-        test.append(model.predict(x_test))
-        columns = list(x_train.columns)
-    return oof, np.stack(test), {"features": columns, "embedding_sources": list(inputs.sources)}
+        boosters.append(model)
+        columns.append(list(x_train.columns))
+    run.lgbm[head], run.features[head] = boosters, columns
+    return oof, {"features": columns[-1], "embedding_sources": list(inputs.sources)}
 
 
-def lgbm_no_te_head(inputs: Inputs, target=None):
-    return lgbm_head(inputs, target, target_encoding=False)
-
-
-def per_quantity(head):
-    """The per-quantity twin of a head: it learns log(price / quantity) (log price where a row has no
-    positive quantity), and the row's own log quantity is added back to every prediction."""
+def head_function(name: str):
+    """The function fitting head `name`: (inputs) -> (oof [n_train] in log1p(price), meta extras); its
+    fold models join inputs.run."""
+    base, tag = head_parts(name)
+    if base == "ridge":
+        fit = lambda inputs: ridge_head(inputs, tag)
+    elif base == "knn":
+        fit = lambda inputs: knn_head(inputs, tag)
+    else:
+        fit = lambda inputs: lgbm_head(inputs, tag, name)
+    if tag == "log1p":
+        return fit
 
     def twin(inputs: Inputs):
-        offset_train, offset_test = quantity_offset(inputs.train), quantity_offset(inputs.test)
-        oof, test, extra = head(inputs, np.log(inputs.price) - offset_train)
+        """log(price / quantity) learnt; the row's own log quantity added back to every prediction."""
+        offset = quantity_offset(inputs.train)
+        oof, extra = fit(inputs)
         extra = {**extra, "target": "log(price / quantity_value), + log(quantity_value); log(price) where no quantity",
-                 "rows_with_quantity": int((offset_train != 0).sum())}
-        return np.log1p(np.exp(oof + offset_train)), np.log1p(np.exp(test + offset_test[None, :])), extra
+                 "rows_with_quantity": int((offset != 0).sum())}
+        return np.log1p(np.exp(oof + offset)), extra
 
     return twin
 
 
-BASE_HEADS = {"ridge": ridge_head, "knn": knn_head, "lgbm": lgbm_head, "lgbm_no_te": lgbm_no_te_head}
-
-
-def head_function(name: str):
-    """The function training head `name`: (inputs) -> (oof [n_train], test per fold [k, n_test], meta extras),
-    predictions in log1p(price)."""
-    if name.endswith("_per_qty"):
-        return per_quantity(BASE_HEADS[name.removesuffix("_per_qty")])
-    return BASE_HEADS[name]
-
-
-def write_tabular_cache(inputs: Inputs, log) -> None:
-    """The price-free columns (structure, cheap text features, the TF-IDF's SVD) as an embedding cache
-    of modality `tabular`, so fusion can read the catalog's sparse text signal beside the encoders'
-    vectors. Signed log1p, then standardised with the train rows' statistics; a unit is one-hot."""
-    from core.embedding_cache import EmbeddingCacheWriter
-
+def fit_tabular(inputs: Inputs) -> np.ndarray:
+    """The tabular cache's transform, fitted on the train rows (it joins the run), and their rows of it:
+    the price-free columns (structure, cheap text features, the TF-IDF's SVD), so fusion can read the
+    catalog's sparse text signal beside the encoders' vectors. Signed log1p, then standardised with the
+    train rows' statistics; a unit is one-hot."""
     cfg = inputs.cfg
-    units = sorted(inputs.train["unit"].astype(str).unique().tolist())
-    parts = []
-    for table in (inputs.train, inputs.test):
-        tab = tabular_features(table, units)
-        onehot = pd.get_dummies(tab.pop("unit"), prefix="unit", dtype=np.float32)
-        numeric = tab.to_numpy(dtype=np.float64)
-        parts.append([np.sign(numeric) * np.log1p(np.abs(numeric)), onehot.to_numpy()])
-    svd_train, svd_test = svd_projection(*inputs.tfidf, cfg.tabular_svd_dims, cfg.seed)
-    mean = np.nanmean(parts[0][0], axis=0)
-    std = np.nanstd(parts[0][0], axis=0) + 1e-6
-    scale = np.abs(svd_train).std() + 1e-6
-    for (numeric, onehot), svd, split, ids in zip(parts, (svd_train, svd_test), ("train", "test"),
-                                                  (inputs.train_ids, inputs.test_ids)):
-        values = np.hstack([np.nan_to_num((numeric - mean) / std), onehot, svd / scale]).astype(np.float32)
-        writer = EmbeddingCacheWriter(cfg.embeddings_dir, cfg.tabular_source, split, ids, values.shape[1], "tabular",
-                                      model="tfidf_svd+structure", config=to_dict(cfg), dtype="float32",
-                                      chunk_size=max(len(ids), 1))
-        for chunk, start, stop in writer.pending_chunks():
-            writer.write_chunk(chunk, values[start:stop])
-        writer.finalize()
-    log.info("wrote the %s cache: %d columns (structure, text counts, %d-d TF-IDF SVD)", cfg.tabular_source,
-             values.shape[1], svd_train.shape[1])
+    tab = tabular_features(inputs.train, inputs.units).drop(columns="unit").to_numpy(dtype=np.float64)
+    numeric = np.sign(tab) * np.log1p(np.abs(tab))
+    svd = fit_svd(inputs.tfidf, cfg.tabular_svd_dims, cfg.seed)
+    fit = TabularFit(svd, np.nanmean(numeric, axis=0), np.nanstd(numeric, axis=0) + 1e-6,
+                     float(np.abs(project(svd, inputs.tfidf)).std() + 1e-6))
+    inputs.run.tabular = fit
+    return tabular_values(fit, inputs.train, inputs.units, inputs.tfidf)
 
 
 # ---------------------------------------------------------------- main
@@ -388,35 +394,58 @@ def main(cfg: HeadsConfig) -> dict:
     check_config(cfg)
     seed_everything(cfg.seed)
     inputs = Inputs(cfg, log)
+    test = load_table(cfg.data_dir, "test").reset_index(drop=True)
+    test_ids = test["sample_id"].astype(str).to_numpy()
     log.info("%d train rows in %d folds, %d test rows; heads %s; device %s", len(inputs.y), len(inputs.fold_ids),
-             len(inputs.test_ids), ",".join(cfg.heads), inputs.device)
+             len(test_ids), ",".join(cfg.heads), inputs.device)
 
     if cfg.tabular_source:
-        write_tabular_cache(inputs, log)
+        values = fit_tabular(inputs)
+        write_tabular_cache(cfg.embeddings_dir, cfg.tabular_source, "train", inputs.train_ids, values, to_dict(cfg))
     baseline = np.zeros(len(inputs.y))
     for f in inputs.fold_ids:
         baseline[inputs.fold_mask(f)] = np.median(inputs.y[~inputs.fold_mask(f)])
     rows = [{"head": "constant median", "oof_smape": score(inputs, baseline)[0], "fold_std": float("nan"),
              "seconds": 0.0}]
-    results = {}
+    results, oofs = {}, {}
     for head in cfg.heads:
         start = time.time()
-        oof, test, extra = head_function(head)(inputs)
+        oof, extra = head_function(head)(inputs)
         spaces = extra.pop("embedding_sources")
         seconds = time.time() - start
         oof_smape, fold_smape = score(inputs, oof)
-        meta = {"oof_kind": "out_of_fold", "selection": SELECTION, "config": to_dict(cfg), "folds": inputs.fold_ids,
-                "fold_smape": fold_smape, "oof_smape": oof_smape, "seconds": seconds, "target": "log1p(price)",
-                "embedding_sources": spaces,
-                "encoder_unseen_folds": encoder_unseen_folds(inputs, spaces), **extra}
-        write_predictions(cfg.predictions_dir, head,
-                          pd.DataFrame({"sample_id": inputs.train_ids, "log_pred": oof, "fold": inputs.folds}),
-                          pd.DataFrame({"sample_id": inputs.test_ids, "log_pred": test.mean(axis=0)}), meta)
+        results[head] = {"oof_kind": "out_of_fold", "selection": SELECTION, "config": to_dict(cfg),
+                         "folds": inputs.fold_ids, "fold_smape": fold_smape, "oof_smape": oof_smape,
+                         "seconds": seconds, "target": "log1p(price)", "embedding_sources": spaces,
+                         "encoder_unseen_folds": encoder_unseen_folds(inputs, spaces), "run_dir": str(cfg.out_dir),
+                         **extra}
+        oofs[head] = oof
         log.info("%s: OOF SMAPE %.2f, folds %s (%.0f s)", head, oof_smape,
                  " ".join(f"{v:.2f}" for v in fold_smape.values()), seconds)
-        results[head] = meta
         rows.append({"head": head, "oof_smape": oof_smape, "fold_std": float(np.std(list(fold_smape.values()))),
                      "seconds": seconds})
+
+    run = inputs.run
+    if cfg.knn_space in inputs.sources and any(h.startswith("knn") for h in cfg.heads):
+        s = inputs.sources[cfg.knn_space]  # the knn head's space, when no lgbm head added it already
+        run.sources.setdefault(s.name, SourceFit(None, s.train, s.train_present))
+    save_run(run, cfg.out_dir)
+    log.info("saved the fitted run to %s", cfg.out_dir)
+
+    # the test rows, priced by the code that prices any rows with a saved run
+    start = time.time()
+    priced = RowFeatures(run, test, load_row_vectors(run, cfg.embeddings_dir, "test", test_ids))
+    for head in cfg.heads:
+        write_predictions(cfg.predictions_dir, head,
+                          pd.DataFrame({"sample_id": inputs.train_ids, "log_pred": oofs[head], "fold": inputs.folds}),
+                          pd.DataFrame({"sample_id": test_ids, "log_pred": priced.head(head).mean(axis=0)}),
+                          results[head])
+    if cfg.tabular_source:
+        values = priced.tabular()
+        write_tabular_cache(cfg.embeddings_dir, cfg.tabular_source, "test", test_ids, values, to_dict(cfg))
+        log.info("wrote the %s cache: %d columns (structure, text counts, %d-d TF-IDF SVD)", cfg.tabular_source,
+                 values.shape[1], run.tabular.svd.n_components)
+    log.info("priced %d test rows (%.0f s)", len(test_ids), time.time() - start)
     print(format_table(pd.DataFrame(rows)))
     return results
 

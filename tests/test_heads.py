@@ -83,7 +83,7 @@ def duplicate_pair_tables(n_pairs=250, same_fold=True, seed=1):
 def run_heads(tmp_path, train_df, test_df, heads="ridge,knn,lgbm", **changes):
     data_dir = write_tables(tmp_path / "data", train_df, test_df)
     cfg = profile("tiny", data_dir=data_dir, embeddings_dir=tmp_path / "embeddings",
-                  predictions_dir=tmp_path / "predictions", heads=heads.split(","), **changes)
+                  predictions_dir=tmp_path / "predictions", out_dir=tmp_path / "run", heads=heads.split(","), **changes)
     return cfg, train.main(cfg)
 
 
@@ -214,12 +214,12 @@ def test_lgbm_neighbour_features_never_hold_the_copy_price(tmp_path):
         train_df, test_df = duplicate_pair_tables(same_fold=same_fold)
         data_dir = write_tables(tmp_path / str(same_fold), train_df, test_df)
         cfg = profile("tiny", data_dir=data_dir, embeddings_dir=tmp_path / "none", embedding_sources=[],
-                      heads=["lgbm"], ridge_feature=False)
+                      heads=["lgbm"], ridge_feature=False, out_dir=tmp_path / "run")
         inputs = train.Inputs(cfg, logging.getLogger("test"))
-        base_train, base_test = train.lgbm_shared_features(inputs)
+        base_train = train.lgbm_shared_features(inputs)
         own_price_hits = 0
         for m, f in enumerate(inputs.fold_ids):
-            x_train, _ = train.lgbm_fold_frames(inputs, m, f, base_train, base_test, None)
+            x_train = train.lgbm_fold_frames(inputs, m, base_train, {"nb": inputs.y})
             hits = np.isclose(x_train["tfidf_nb_nn1_log_price"], inputs.y)
             own_price_hits += hits[inputs.folds == f].sum()
             if same_fold:
@@ -317,10 +317,10 @@ def test_a_brand_seen_once_gets_no_price_from_its_encoding(tmp_path, monkeypatch
     data_dir = write_tables(tmp_path / "data", train_df, test_df)
     cfg = profile("tiny", data_dir=data_dir, embeddings_dir=tmp_path / "none", embedding_sources=[],
                   predictions_dir=tmp_path / "predictions", tabular_source="", ridge_feature=False,
-                  heads=["lgbm"])
+                  heads=["lgbm"], out_dir=tmp_path / "run")
     inputs = train.Inputs(cfg, logging.getLogger("test"))
     y, folds = inputs.y, inputs.folds
-    for m, (train_cols, _) in enumerate(train.fold_encodings(inputs)):
+    for m, train_cols in enumerate(train.fold_encodings(inputs, "log1p")):
         f = inputs.fold_ids[m]
         for field in ("brand1", "brand2"):
             for i in range(0, len(y), 5):
@@ -333,12 +333,11 @@ def test_a_brand_seen_once_gets_no_price_from_its_encoding(tmp_path, monkeypatch
     assert lgbm > 0.95 * baseline, (lgbm, baseline)
 
     # control: an in-sample encoding (each row's own price in its brand's smoothed mean) is the answer
-    def leaky(train_keys, test_keys, targets, folds, m):
-        y = targets["te"]
+    def leaky(statistics, keys, m, folds):
         own = (y + m * y.mean()) / (1 + m)
-        return [({"te_brand1": own}, {"te_brand1": np.full(len(test_keys), y.mean())}) for _ in range(5)]
+        return [{"te_brand1": own} for _ in range(5)]
 
-    monkeypatch.setattr(train, "target_encoding_columns", leaky)
+    monkeypatch.setattr(train, "train_encoding_columns", leaky)
     leaked = train.main(cfg)["lgbm"]["oof_smape"]
     assert leaked < 0.3 * baseline, leaked  # measured: 19.3
 

@@ -1,0 +1,421 @@
+"""Price rows with a fitted heads run: the test table, or any new rows in the processed format.
+
+    python -m heads.predict [profile=default|small|tiny] key=value ...
+
+`python -m heads.train` fits every head once per fold and saves the run under `out_dir` (see
+`save_run`). This script loads that run, prices the processed test table of `data_dir` with the test
+caches of `embeddings_dir`, and writes each head's `predictions_dir/<head>/test.parquet` (the
+out-of-fold half that the fit wrote stays) and the test half of the tabular cache. It never reads
+the train table: everything a prediction needs was saved with the run.
+
+Every quantity behind a row's price is a function of the fitted run and that row alone (its TF-IDF,
+its SVD projections, its neighbours among the train rows, its target encodings, the fold models), so
+`predict_rows` gives a row the same price whether it is priced alone, in a chunk or in the whole
+table; `heads.train` prices its test rows through the same function.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from core.config import from_dict, parse_args, to_dict
+from core.embedding_cache import EmbeddingCacheWriter, load_embeddings
+from core.errors import PipelineError, run_cli
+from core.io import read_json, write_json
+from core.predictions import PredictionsError, read_predictions, write_predictions
+from core.runtime import pick_device, setup_logging
+from core.tables import load_table
+from heads.config import PROFILES, HeadsConfig
+from heads.features import TfidfText, lgbm_base_features, lgbm_fold_frame, project, row_text, tabular_features
+from heads.neighbours import neighbour_price_features, row_neighbours
+from heads.target_encoding import category_keys, encoding_columns
+
+RUN_FILE = "run.json"
+ROWS_PER_CHUNK = 8192  # rows priced at once by the script (the neighbour search has its own chunk_size)
+# the train target each head learns: log1p(price), or log(price / quantity) for the per-quantity twins
+TARGETS = ("log1p", "per_qty")
+
+
+class RunError(PipelineError, RuntimeError):
+    pass
+
+
+def head_parts(head: str) -> tuple[str, str]:
+    """(base head, target tag): 'lgbm_per_qty' -> ('lgbm', 'per_qty'), 'knn' -> ('knn', 'log1p')."""
+    if head.endswith("_per_qty"):
+        return head.removesuffix("_per_qty"), "per_qty"
+    return head, "log1p"
+
+
+def quantity_offset(table: pd.DataFrame) -> np.ndarray:
+    """log(total quantity) where the catalog gives a positive one (the parsed Value, which is already
+    the pack's total: "12 Ounce (Pack of 6)" has Value 72), else 0 so the row keeps log price."""
+    q = pd.to_numeric(table["quantity_value"], errors="coerce").to_numpy(dtype=np.float64)
+    return np.where(np.isfinite(q) & (q > 0), np.log(np.where(q > 0, q, 1.0)), 0.0)
+
+
+@dataclass
+class SourceFit:
+    """What a row's cache vector meets: the SVD fitted on the train vectors (None: no projection) and
+    the train vectors themselves (the neighbour candidates)."""
+    svd: object
+    train: np.ndarray  # [n_train, D] float32
+    train_present: np.ndarray  # [n_train] bool
+
+
+@dataclass
+class TabularFit:
+    """The tabular cache's transform: standardisation of the signed-log1p columns and the TF-IDF SVD,
+    both from the train rows."""
+    svd: object
+    mean: np.ndarray
+    std: np.ndarray
+    scale: float
+
+
+@dataclass
+class HeadsRun:
+    """A fitted heads run: every fold model and everything on the train side that pricing a row needs."""
+    cfg: HeadsConfig  # the fit's settings
+    fold_ids: list[int]
+    train_ids: np.ndarray
+    train_text: np.ndarray  # what the TF-IDF of the train rows is recomputed from on load
+    folds: np.ndarray  # [n_train]
+    targets: dict  # {"log1p" | "per_qty": [n_train]} what the neighbours' prices summarise
+    text: TfidfText
+    train_tfidf: sp.csr_matrix
+    tfidf_svd: object  # None without a TF-IDF projection
+    units: list[str]
+    sources: dict  # {name: SourceFit}, in the fit's order
+    search_k: dict  # {space: neighbours searched}; the same k as in the fit, so ties fall the same way
+    ridge: dict = field(default_factory=dict)  # {target tag: [fold model]}
+    knn_fallback: dict = field(default_factory=dict)  # {target tag: [fold value]} for rows without neighbours
+    lgbm: dict = field(default_factory=dict)  # {head: [fold booster]}
+    features: dict = field(default_factory=dict)  # {head: [fold columns]}
+    encodings: dict = field(default_factory=dict)  # {"te" | "teq": {field: KeyStatistics}}
+    tabular: TabularFit | None = None
+    device: str = "cpu"  # placement of the neighbour search, not a setting of the fit
+    chunk_size: int = 1024
+
+    @property
+    def heads(self) -> list[str]:
+        return list(self.cfg.heads)
+
+
+# ---------------------------------------------------------------- save and load
+
+def package_versions() -> dict:
+    import lightgbm
+    import scipy
+    import sklearn
+
+    return {"sklearn": sklearn.__version__, "lightgbm": lightgbm.__version__, "numpy": np.__version__,
+            "scipy": scipy.__version__, "pandas": pd.__version__}
+
+
+def save_run(run: HeadsRun, out_dir: Path) -> Path:
+    """Write the run to `out_dir`, replacing an earlier one only once the new one is complete: it is
+    written to a sibling folder first, and a crash leaves the earlier run (or none), never half of one.
+
+        run.json             config, heads, folds, feature columns per head and fold, package versions
+        train_rows.parquet   sample_id, text, fold and the targets of the train rows
+        text.joblib          TF-IDF vectorizers, SVD projections, units, the tabular transform
+        sources/<name>.npz   each cache's train vectors (the neighbour candidates)
+        ridge.joblib         ridge fold models per target; target_encoding.joblib: key statistics per fold
+        lgbm/<head>/fold_<f>.txt  LightGBM fold models (booster.save_model, text)
+    """
+    import joblib
+
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir()
+        pd.DataFrame({"sample_id": run.train_ids, "text": run.train_text, "fold": run.folds,
+                      **{f"target_{tag}": values for tag, values in run.targets.items()}}).to_parquet(
+            tmp / "train_rows.parquet", index=False)
+        joblib.dump({"text": run.text, "tfidf_svd": run.tfidf_svd, "units": run.units,
+                     "source_svds": {name: s.svd for name, s in run.sources.items()}, "tabular": run.tabular},
+                    tmp / "text.joblib")
+        (tmp / "sources").mkdir()
+        for name, s in run.sources.items():
+            np.savez(tmp / "sources" / f"{name}.npz", train=s.train, present=s.train_present)
+        joblib.dump(run.ridge, tmp / "ridge.joblib")
+        joblib.dump(run.encodings, tmp / "target_encoding.joblib")
+        for head, boosters in run.lgbm.items():
+            (tmp / "lgbm" / head).mkdir(parents=True)
+            for f, booster in zip(run.fold_ids, boosters):
+                booster.save_model(str(tmp / "lgbm" / head / f"fold_{f}.txt"))
+        write_json(tmp / RUN_FILE, {
+            "complete": True, "config": to_dict(run.cfg), "heads": run.heads, "folds": run.fold_ids,
+            "n_train": len(run.train_ids), "sources": list(run.sources), "search_k": run.search_k,
+            "knn_fallback": run.knn_fallback, "features": run.features, "lgbm_heads": list(run.lgbm),
+            "versions": package_versions()})
+        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+        if out_dir.exists():
+            os.replace(out_dir, old)
+        try:
+            os.replace(tmp, out_dir)
+        except BaseException:
+            if old.exists() and not out_dir.exists():
+                os.replace(old, out_dir)  # the earlier run back in place
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def _fit_command(out_dir: Path) -> str:
+    return f"python -m heads.train out_dir={out_dir} (with the run's data_dir and embeddings_dir)"
+
+
+def load_run(out_dir: Path, device: str = "cpu", chunk_size: int | None = None, log=None) -> HeadsRun:
+    """The run `save_run` wrote to `out_dir`; a clear error when it is missing or incomplete."""
+    import joblib
+    import lightgbm as lgb
+
+    out_dir = Path(out_dir)
+    if not (out_dir / RUN_FILE).exists():
+        what = "does not exist" if not out_dir.exists() else f"has no {RUN_FILE}"
+        raise RunError(f"{out_dir}: no fitted heads run ({what}); make it with `{_fit_command(out_dir)}`")
+    meta = read_json(out_dir / RUN_FILE)
+    if not meta.get("complete"):
+        raise RunError(f"{out_dir}/{RUN_FILE}: the run is incomplete; fit it again with `{_fit_command(out_dir)}`")
+    needed = ["train_rows.parquet", "text.joblib", "ridge.joblib", "target_encoding.joblib",
+              *[f"sources/{name}.npz" for name in meta["sources"]],
+              *[f"lgbm/{head}/fold_{f}.txt" for head in meta["lgbm_heads"] for f in meta["folds"]]]
+    missing = [name for name in needed if not (out_dir / name).exists()]
+    if missing:
+        raise RunError(f"{out_dir}: the run is incomplete ({len(missing)} file(s) missing, first {missing[0]}); "
+                       f"fit it again with `{_fit_command(out_dir)}`")
+    if log is not None and meta.get("versions") != package_versions():
+        log.warning("%s was fitted with %s; this process has %s", out_dir, meta.get("versions"), package_versions())
+    cfg = from_dict(HeadsConfig, meta["config"])
+    rows = pd.read_parquet(out_dir / "train_rows.parquet")
+    saved = joblib.load(out_dir / "text.joblib")
+    train_text = rows["text"].astype(str).to_numpy()
+    sources = {}
+    for name in meta["sources"]:
+        with np.load(out_dir / "sources" / f"{name}.npz") as z:
+            sources[name] = SourceFit(saved["source_svds"][name], z["train"], z["present"])
+    lgbm = {head: [lgb.Booster(model_file=str(out_dir / "lgbm" / head / f"fold_{f}.txt")) for f in meta["folds"]]
+            for head in meta["lgbm_heads"]}
+    return HeadsRun(
+        cfg=cfg, fold_ids=[int(f) for f in meta["folds"]], train_ids=rows["sample_id"].astype(str).to_numpy(),
+        train_text=train_text, folds=rows["fold"].to_numpy(dtype=np.int64),
+        targets={tag: rows[f"target_{tag}"].to_numpy(dtype=np.float64) for tag in TARGETS},
+        text=saved["text"], train_tfidf=saved["text"].train_matrix(train_text), tfidf_svd=saved["tfidf_svd"],
+        units=list(saved["units"]), sources=sources, search_k={k: int(v) for k, v in meta["search_k"].items()},
+        ridge=joblib.load(out_dir / "ridge.joblib"), knn_fallback=meta["knn_fallback"], lgbm=lgbm,
+        features=meta["features"], encodings=joblib.load(out_dir / "target_encoding.joblib"),
+        tabular=saved["tabular"], device=device, chunk_size=chunk_size or cfg.chunk_size)
+
+
+# ---------------------------------------------------------------- pricing rows
+
+def load_row_vectors(run: HeadsRun, embeddings_dir: Path, split: str, sample_ids) -> dict:
+    """{source: (vectors, present)} of the run's sources for `sample_ids`, from the caches of `split`."""
+    out = {}
+    for name, s in run.sources.items():
+        cached = load_embeddings(embeddings_dir, name, split, sample_ids, expected_dim=s.train.shape[1])
+        out[name] = (cached.values, cached.present)
+    return out
+
+
+def tabular_values(fit: TabularFit, table: pd.DataFrame, units: list[str], tfidf_rows) -> np.ndarray:
+    """The tabular cache's rows: the price-free columns, signed log1p then standardised with the train
+    rows' statistics, a unit one-hot, and the TF-IDF's SVD scaled by the train rows' spread."""
+    tab = tabular_features(table, units)
+    onehot = pd.get_dummies(tab.pop("unit"), prefix="unit", dtype=np.float32)
+    numeric = tab.to_numpy(dtype=np.float64)
+    numeric = np.sign(numeric) * np.log1p(np.abs(numeric))
+    return np.hstack([np.nan_to_num((numeric - fit.mean) / fit.std), onehot.to_numpy(),
+                      project(fit.svd, tfidf_rows) / fit.scale]).astype(np.float32)
+
+
+class RowFeatures:
+    """One set of rows to price with a run; each feature is computed once and shared by the heads."""
+
+    def __init__(self, run: HeadsRun, table: pd.DataFrame, vectors: dict | None = None):
+        self.run, self.cfg = run, run.cfg
+        self.table = table.reset_index(drop=True)
+        self.vectors = {}
+        for name, s in run.sources.items():
+            if vectors is None or name not in vectors:
+                raise RunError(f"the run reads the {name!r} cache: pass its vectors for these rows "
+                               f"(load_row_vectors reads them from a cache)")
+            values, present = vectors[name] if isinstance(vectors[name], tuple) else (vectors[name].values,
+                                                                                     vectors[name].present)
+            values, present = np.asarray(values, dtype=np.float32), np.asarray(present, dtype=bool)
+            if values.shape != (len(self.table), s.train.shape[1]) or present.shape != (len(self.table),):
+                raise RunError(f"{name}: vectors of shape {values.shape} for {len(self.table)} rows; the run's "
+                               f"train vectors have dim {s.train.shape[1]}")
+            self.vectors[name] = (values, present)
+        self._cache = {}
+
+    def _once(self, key, make):
+        if key not in self._cache:
+            self._cache[key] = make()
+        return self._cache[key]
+
+    @property
+    def tfidf(self):
+        return self._once("tfidf", lambda: self.run.text.transform(row_text(self.table)))
+
+    @property
+    def offset(self) -> np.ndarray:
+        return self._once("offset", lambda: quantity_offset(self.table))
+
+    def neighbours(self, space: str):
+        """(indices, similarities) [n_folds, n_rows, k] among the train rows the fold models may use."""
+        def search():
+            run, k = self.run, self.run.search_k[space]
+            if space == "tfidf":
+                return row_neighbours(self.tfidf, run.train_tfidf, run.folds, k, device=run.device,
+                                      chunk_size=run.chunk_size)
+            s = run.sources[space]
+            vectors, present = self.vectors[space]
+            return row_neighbours(vectors, s.train, run.folds, k, s.train_present, present, device=run.device,
+                                  chunk_size=run.chunk_size)
+
+        return self._once(("neighbours", space), search)
+
+    def ridge(self, tag: str) -> list[np.ndarray]:
+        return self._once(("ridge", tag), lambda: [m.predict(self.tfidf) for m in self.run.ridge[tag]])
+
+    def knn(self, tag: str) -> list[np.ndarray]:
+        cfg, k = self.cfg, self.cfg.knn_k
+        indices, similarities = self.neighbours(cfg.knn_space)
+        out = []
+        for m, fallback in enumerate(self.run.knn_fallback[tag]):
+            pred = neighbour_price_features(indices[m, :, :k], similarities[m, :, :k], self.run.targets[tag],
+                                            cfg.distance_eps)["weighted_log_price"]
+            out.append(np.where(np.isnan(pred), fallback, pred))
+        return out
+
+    @property
+    def lgbm_base(self) -> pd.DataFrame:
+        run = self.run
+        return self._once("base", lambda: lgbm_base_features(
+            self.table, run.units, self.tfidf, run.tfidf_svd, self.vectors,
+            {name: s.svd for name, s in run.sources.items() if s.svd is not None}))
+
+    def encodings(self, tags: tuple) -> list[dict]:
+        keys = self._once("keys", lambda: category_keys(self.table, self.cfg.target_encoding_fields))
+        return encoding_columns({tag: self.run.encodings[tag] for tag in tags}, keys, self.cfg.target_encoding_m)
+
+    def lgbm(self, head: str, tag: str) -> list[np.ndarray]:
+        cfg, run = self.cfg, self.run
+        targets = {"nb": run.targets["log1p"]} if tag == "log1p" else {"nb": run.targets["log1p"],
+                                                                          "nbq": run.targets["per_qty"]}
+        with_te = head_parts(head)[0] == "lgbm" and bool(cfg.target_encoding_fields)
+        encodings = self.encodings(("te",) if tag == "log1p" else ("te", "teq")) if with_te else None
+        ridge = self.ridge("log1p") if cfg.ridge_feature else None
+        spaces = ["tfidf", *run.sources]
+        out = []
+        for m, booster in enumerate(run.lgbm[head]):
+            frame = lgbm_fold_frame(self.lgbm_base, {s: tuple(a[m] for a in self.neighbours(s)) for s in spaces},
+                                    targets, cfg.neighbour_k, cfg.distance_eps,
+                                    None if ridge is None else ridge[m], None if encodings is None else encodings[m])
+            columns = run.features[head][m]
+            missing = [c for c in columns if c not in frame.columns]
+            if missing:
+                raise RunError(f"{head} fold {run.fold_ids[m]}: the model was fitted on columns {missing} that the "
+                               f"rows do not give")
+            out.append(booster.predict(frame[columns]))
+        return out
+
+    def head(self, head: str) -> np.ndarray:
+        """Per fold model, the head's log1p(price) predictions [n_folds, n_rows]."""
+        base, tag = head_parts(head)
+        if base == "ridge":
+            per_fold = self.ridge(tag)
+        elif base == "knn":
+            per_fold = self.knn(tag)
+        else:
+            per_fold = self.lgbm(head, tag)
+        per_fold = np.stack(per_fold)
+        if tag == "per_qty":  # the row's own log quantity added back
+            return np.log1p(np.exp(per_fold + self.offset[None, :]))
+        return per_fold
+
+    def predictions(self) -> dict[str, np.ndarray]:
+        """{head: fold-averaged log1p(price)} for every head of the run."""
+        return {head: self.head(head).mean(axis=0) for head in self.run.heads}
+
+    def tabular(self) -> np.ndarray:
+        return tabular_values(self.run.tabular, self.table, self.run.units, self.tfidf)
+
+
+def predict_rows(run: HeadsRun, table: pd.DataFrame, vectors: dict | None = None) -> dict[str, np.ndarray]:
+    """Price rows in the processed format (`core.tables.load_table`'s columns) with a fitted run:
+    {head: log1p(price) per row, the mean of the fold models}. vectors: {source: (vectors [n, D],
+    present [n])} or {source: CachedEmbeddings} for every cache the run reads, aligned with `table`."""
+    return RowFeatures(run, table, vectors).predictions()
+
+
+def write_tabular_cache(embeddings_dir: Path, source: str, split: str, ids, values: np.ndarray, config: dict) -> None:
+    writer = EmbeddingCacheWriter(embeddings_dir, source, split, ids, values.shape[1], "tabular",
+                                  model="tfidf_svd+structure", config=config, dtype="float32",
+                                  chunk_size=max(len(ids), 1))
+    for chunk, start, stop in writer.pending_chunks():
+        writer.write_chunk(chunk, values[start:stop])
+    writer.finalize()
+
+
+def price_table(run: HeadsRun, table: pd.DataFrame, vectors: dict, rows_per_chunk: int = ROWS_PER_CHUNK):
+    """({head: log1p(price) [n]}, tabular cache rows [n, D] or None), priced `rows_per_chunk` rows at a time."""
+    predictions, tabular = {head: [] for head in run.heads}, []
+    for start in range(0, len(table), rows_per_chunk):
+        stop = min(start + rows_per_chunk, len(table))
+        rows = RowFeatures(run, table.iloc[start:stop],
+                           {name: (v[start:stop], p[start:stop]) for name, (v, p) in vectors.items()})
+        for head, values in rows.predictions().items():
+            predictions[head].append(values)
+        if run.tabular is not None:
+            tabular.append(rows.tabular())
+    predictions = {head: np.concatenate(parts) if parts else np.zeros(0) for head, parts in predictions.items()}
+    return predictions, (np.concatenate(tabular) if tabular else None)
+
+
+# ---------------------------------------------------------------- main
+
+def parse_cli(argv=None) -> HeadsConfig:
+    return parse_args(HeadsConfig, argv, PROFILES)
+
+
+def main(cfg: HeadsConfig, rows_per_chunk: int = ROWS_PER_CHUNK) -> dict[str, np.ndarray]:
+    """Price the test table of cfg.data_dir with the run in cfg.out_dir and write the test side: each
+    head's test.parquet and the tabular cache's test split. The fit's settings come from the run; this
+    config gives the folders and the placement (device, chunk_size)."""
+    log = setup_logging("heads.predict")
+    run = load_run(cfg.out_dir, str(pick_device(cfg.device)), cfg.chunk_size, log)
+    missing = [h for h in run.heads if not (Path(cfg.predictions_dir) / h / "meta.json").exists()]
+    if missing:
+        raise PredictionsError(f"{cfg.predictions_dir}/{missing[0]}: no out-of-fold predictions beside the run in "
+                               f"{cfg.out_dir}; run `python -m heads.train` with the same predictions_dir first")
+    table = load_table(cfg.data_dir, "test").reset_index(drop=True)
+    ids = table["sample_id"].astype(str).to_numpy()
+    predictions, tabular = price_table(run, table, load_row_vectors(run, cfg.embeddings_dir, "test", ids),
+                                       rows_per_chunk)
+    for head, values in predictions.items():
+        old = read_predictions(cfg.predictions_dir, head)
+        meta = {k: v for k, v in old.meta.items() if k not in ("model", "n_oof", "n_test")}
+        write_predictions(cfg.predictions_dir, head, old.oof, pd.DataFrame({"sample_id": ids, "log_pred": values}),
+                          {**meta, "run_dir": str(cfg.out_dir)})
+    if tabular is not None and run.cfg.tabular_source:
+        write_tabular_cache(cfg.embeddings_dir, run.cfg.tabular_source, "test", ids, tabular, to_dict(run.cfg))
+    log.info("priced %d test rows with the run in %s: %s", len(ids), cfg.out_dir, ", ".join(run.heads))
+    return predictions
+
+
+if __name__ == "__main__":
+    run_cli(lambda: main(parse_cli()))
