@@ -54,7 +54,7 @@ def parse_command(module: str, args: list[str]):
         root = next((Path(a.split("=", 1)[1]) for a in args if a.startswith("root=")), None)
         rest = [a for a in args if not a.startswith(("profile=", "stages=", "root="))]
         return pipeline.stage_configs(profile, rest, root)
-    if module == "heads.train":
+    if module in ("heads.train", "heads.predict"):
         from heads.config import PROFILES as HEADS, HeadsConfig
         return parse_args(HeadsConfig, args, HEADS)
     if module == "ensemble.blend":
