@@ -44,14 +44,16 @@ def make_raw(train_csv: Path, raw_dir: Path, test_rows: int, seed: int = 0) -> P
 
 
 def expert_load_text(meta: dict) -> str:
-    """A model's `expert_load` (one list of per-expert load fractions, or one per fold) as the mean load per
-    expert, with the smallest share any expert got in any fold: "0.44/0.36/0.20 (min 0.09)"; "" without one."""
+    """A model's expert load (share of its scored rows whose top gate is each expert, pooled over folds) with
+    the smallest share any expert got in any one fold: "0.44/0.36/0.20 (min 0.09)"; "" without experts."""
     load = meta.get("expert_load")
     if not load:
         return ""
-    per_fold = np.array(list(load.values()) if isinstance(load, dict) else load, dtype=np.float64)
-    per_fold = per_fold.reshape(-1, per_fold.shape[-1])
-    return "/".join(f"{v:.2f}" for v in per_fold.mean(0)) + f" (min {per_fold.min():.2f})"
+    pooled = np.array(list(load.values()) if isinstance(load, dict) else load, dtype=np.float64)
+    pooled = pooled.reshape(-1, pooled.shape[-1]).mean(0)
+    per_fold = meta.get("expert_load_per_fold") or (load if isinstance(load, dict) else {"all": load})
+    smallest = min(min(v) for v in per_fold.values())
+    return "/".join(f"{v:.2f}" for v in pooled) + f" (min {smallest:.2f})"
 
 
 def main(argv: list[str] | None = None) -> pd.DataFrame:

@@ -59,6 +59,52 @@ def straight_through_route(logits: torch.Tensor, training: bool, tau: float = 1.
     return F.one_hot(logits.argmax(-1), logits.shape[-1]).to(logits.dtype)
 
 
+class Router(nn.Module):
+    """Softmax gate over `n_experts` for a mixture of experts, with the standard guards against collapse.
+
+    Why gates collapsed here: the router read the fused features raw. Those are unnormalised residual
+    streams with a large offset shared by every row (at width 512, a mean vector of norm ~28 in rows
+    of norm ~45), so a small weight step moved every row's logits together; one expert's logit drew
+    ~16 above the others for all rows, the softmax saturated, and its gradient (p(1 - p)) vanished.
+    The old 0.01 * n * sum(mean_prob^2) balance term acts through that same saturated softmax, so
+    nothing pulled the gate back. Fixes, all standard: the ST-MoE router z-loss
+    mean(logsumexp(logits)^2), whose gradient on the runaway logit stays ~2 * logit even when the
+    softmax is saturated, so logits stay small; the Switch Transformer balance loss n * sum(f_e * P_e)
+    (f_e: fraction of rows whose top gate is e, P_e: mean gate probability) at a weight that matters;
+    and a LayerNorm on the router input, so its scale no longer grows with the residual streams.
+
+    From the last forward pass: `last_load`, the fraction of rows whose largest gate weight is each
+    expert (rows routed); `last_gate`, the mean gate weight per expert; `last_choice`, each row's
+    top expert."""
+
+    def __init__(self, in_dim: int, n_experts: int, load_balance_weight: float = 0.3, z_loss_weight: float = 1e-3,
+                 top_k: int = 0):
+        super().__init__()
+        if top_k == 1 or top_k < 0 or top_k > n_experts:
+            raise ValueError(f"router top_k must be 0 (every expert) or 2..{n_experts}, got {top_k}")
+        self.top_k = top_k
+        self.norm = nn.LayerNorm(in_dim)
+        self.linear = nn.Linear(in_dim, n_experts)
+        self.load_balance_weight, self.z_loss_weight = load_balance_weight, z_loss_weight
+        self.last_load, self.last_gate, self.last_choice = None, None, None
+
+    def forward(self, x):
+        logits = self.linear(self.norm(x)).float()
+        g = torch.softmax(logits, -1)
+        n = g.shape[-1]
+        choice = g.argmax(-1).detach()
+        routed = F.one_hot(choice, n).float().mean(0)  # no gradient: it weights the probabilities
+        gate = g.mean(0)
+        self.last_load, self.last_gate, self.last_choice = routed, gate.detach(), choice
+        balance = n * (routed * gate).sum()  # 1 when balanced, n when every row goes to one expert
+        z_loss = torch.logsumexp(logits, -1).pow(2).mean()
+        if self.top_k:  # sparse: each row's weight over its top_k experts only, so experts train on their own rows
+            kept = logits.topk(self.top_k, -1).indices
+            masked = torch.full_like(logits, float("-inf")).scatter(-1, kept, logits.gather(-1, kept))
+            g = torch.softmax(masked, -1)
+        return g, self.load_balance_weight * balance + self.z_loss_weight * z_loss
+
+
 class ConcatMLP(FusionBlock):
     def __init__(self, dim, modalities, dropout=0.1, **kw):
         super().__init__(dim, modalities, dropout)
@@ -259,22 +305,23 @@ class EnergyAware(FusionBlock):
 
 
 class MixtureOfExperts(FusionBlock):
-    """Soft gating over expert MLPs; aux loss pushes the experts' mean load toward uniform."""
+    """Soft gating over expert MLPs through a `Router`, which keeps every expert in use."""
 
-    def __init__(self, dim, modalities, dropout=0.1, n_experts: int = 3, load_balance_weight: float = 0.01, **kw):
+    def __init__(self, dim, modalities, dropout=0.1, n_experts: int = 3, load_balance_weight: float = 0.3,
+                 router_z_weight: float = 1e-3, router_top_k: int = 0, **kw):
         super().__init__(dim, modalities, dropout)
-        self.gate = nn.Linear(self.n * dim, n_experts)
+        self.router = Router(self.n * dim, n_experts, load_balance_weight, router_z_weight, router_top_k)
         self.experts = nn.ModuleList(mlp(self.n * dim, 2 * dim, dim, dropout) for _ in range(n_experts))
-        self.load_balance_weight = load_balance_weight
-        self.last_load = None
+
+    @property
+    def last_load(self):
+        return self.router.last_load
 
     def forward(self, tokens):
         x = tokens.flatten(1)
-        g = torch.softmax(self.gate(x).float(), -1)
+        g, aux = self.router(x)
         out = sum(g[:, e, None].to(x.dtype) * expert(x) for e, expert in enumerate(self.experts))
-        load = g.mean(0)
-        self.last_load = load.detach()
-        return out, self.load_balance_weight * len(self.experts) * (load ** 2).sum()
+        return out, aux
 
 
 BLOCKS = {

@@ -66,8 +66,12 @@ def load_inputs(cfg: FusionConfig, split: str, sample_ids, device, sources: list
     return FusionInputs(list(map(str, sample_ids)), specs, values, present)
 
 
+EXPERT_LOAD_NOTE = "fraction of the scored rows whose largest gate weight is each expert"
+
+
 def expert_load(model) -> list[float] | None:
-    """Mean gate load per expert of the model's last forward pass; None without a mixture of experts."""
+    """Per expert, the fraction of the last forward pass's rows whose largest gate weight is that
+    expert (fusion.blocks.Router); None without a mixture of experts."""
     for module in model.modules():
         load = getattr(module, "last_load", None)
         if load is not None:
@@ -75,9 +79,16 @@ def expert_load(model) -> list[float] | None:
     return None
 
 
+def pooled_load(loads_and_rows: list[tuple[list[float], int]]) -> list[float]:
+    """Several folds' per-expert loads, each over its own rows, as one load over all those rows."""
+    loads = np.array([load for load, _ in loads_and_rows], dtype=float)
+    rows = np.array([n for _, n in loads_and_rows], dtype=float)
+    return [round(float(x), 4) for x in (loads * rows[:, None]).sum(0) / rows.sum()]
+
+
 @torch.no_grad()
 def predict_with_load(model, inputs: FusionInputs, idx: torch.Tensor, batch_size: int, device, dtype):
-    """(log1p price predictions for rows `idx`, mean gate load per expert over those rows or None)."""
+    """(log1p price predictions for rows `idx`, per expert the fraction of those rows routed to it, or None)."""
     model.eval()
     out, loads, weights = [], [], []
     step = max(batch_size, 1024)

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn as nn
 
-from fusion.blocks import build_block, mlp, pick_heads
+from fusion.blocks import Router, build_block, mlp, pick_heads
 
 
 @dataclass
@@ -82,11 +82,12 @@ class TokenCrossAttention(nn.Module):
 
 
 class MoEHead(nn.Module):
-    """Gating network over expert MLPs (in -> expert_dims... -> 1); records the experts' load."""
+    """A `Router` (fusion.blocks) over expert MLPs (in -> expert_dims... -> 1); records the experts' load."""
 
-    def __init__(self, in_dim: int, n_experts: int, expert_dims: list[int], dropout: float, load_balance_weight: float):
+    def __init__(self, in_dim: int, n_experts: int, expert_dims: list[int], dropout: float, load_balance_weight: float,
+                 router_z_weight: float = 1e-3, router_top_k: int = 0):
         super().__init__()
-        self.gate = nn.Linear(in_dim, n_experts)
+        self.router = Router(in_dim, n_experts, load_balance_weight, router_z_weight, router_top_k)
         self.experts = nn.ModuleList()
         for _ in range(n_experts):
             layers, d = [], in_dim
@@ -95,22 +96,22 @@ class MoEHead(nn.Module):
                 d = h
             layers.append(nn.Linear(d, 1))
             self.experts.append(nn.Sequential(*layers))
-        self.load_balance_weight = load_balance_weight
-        self.last_load = None
+
+    @property
+    def last_load(self):
+        return self.router.last_load
 
     def forward(self, x):
-        g = torch.softmax(self.gate(x).float(), -1)
+        g, aux = self.router(x)
         out = torch.cat([e(x) for e in self.experts], -1).float()
-        load = g.mean(0)
-        self.last_load = load.detach()
-        aux = self.load_balance_weight * len(self.experts) * (load ** 2).sum()
         return (g * out).sum(-1), aux
 
 
 class HierarchicalFusionModel(nn.Module):
     def __init__(self, sources: list[SourceSpec], hidden_dim: int = 512, n_tokens: int = 4, heads: int = 8,
                  n_experts: int = 3, expert_dims: tuple = (1024, 512, 256), dropout: float = 0.25,
-                 use_advanced_model: bool = True, load_balance_weight: float = 0.01):
+                 use_advanced_model: bool = True, load_balance_weight: float = 0.3,
+                 router_z_weight: float = 1e-3, router_top_k: int = 0):
         super().__init__()
         if hidden_dim % n_tokens:
             raise ValueError(f"hidden_dim {hidden_dim} must be divisible by n_tokens {n_tokens}")
@@ -128,7 +129,8 @@ class HierarchicalFusionModel(nn.Module):
             self.image_stage = TokenCrossAttention(d_tok, h, dropout / 2)
             self.text_stage = TokenCrossAttention(d_tok, h, dropout / 2)
             self.cross_stage = TokenCrossAttention(d_tok, h, dropout / 2)
-            self.head = MoEHead(4 * hidden_dim, n_experts, list(expert_dims), dropout, load_balance_weight)
+            self.head = MoEHead(4 * hidden_dim, n_experts, list(expert_dims), dropout, load_balance_weight,
+                                router_z_weight, router_top_k)
         else:
             self.head_simple = nn.Sequential(nn.Linear(n * hidden_dim, expert_dims[0]), nn.GELU(), nn.Dropout(dropout),
                                              nn.Linear(expert_dims[0], expert_dims[-1]), nn.GELU(), nn.Dropout(dropout),
@@ -157,9 +159,11 @@ def build_model(cfg, sources: list[SourceSpec]) -> nn.Module:
         return HierarchicalFusionModel(sources, hidden_dim=cfg.hidden_dim, n_tokens=cfg.n_tokens, heads=cfg.n_heads,
                                        n_experts=cfg.n_experts, expert_dims=tuple(cfg.expert_dims), dropout=cfg.dropout,
                                        use_advanced_model=cfg.use_advanced_model,
-                                       load_balance_weight=cfg.load_balance_weight)
+                                       load_balance_weight=cfg.load_balance_weight,
+                                       router_z_weight=cfg.router_z_weight, router_top_k=cfg.router_top_k)
     if cfg.architecture == "block":
-        extra = {"moe": {"load_balance_weight": cfg.load_balance_weight, "n_experts": cfg.n_experts},
+        extra = {"moe": {"load_balance_weight": cfg.load_balance_weight, "n_experts": cfg.n_experts,
+                         "router_z_weight": cfg.router_z_weight, "router_top_k": cfg.router_top_k},
                  "energy_aware": {"energy_weight": cfg.energy_weight, "energy_budget": cfg.energy_budget},
                  "bi_cross_attention": {"n_tokens": cfg.n_tokens}}.get(cfg.block, {})
         return BlockFusionModel(sources, block=cfg.block, hidden_dim=cfg.hidden_dim, dropout=cfg.dropout,

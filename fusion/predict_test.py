@@ -29,7 +29,8 @@ from core.runtime import amp_dtype, pick_device, setup_logging
 from core.submission import write_submission
 from core.tables import META_FILE, load_table, n_folds
 from fusion.config import FusionConfig
-from fusion.inference import load_inputs, model_from_checkpoint, predict_log, run_config, run_folds
+from fusion.inference import (EXPERT_LOAD_NOTE, load_inputs, model_from_checkpoint, pooled_load, predict_log,
+                              run_config, run_folds)
 from fusion.train import parse_cli, selection_sentence
 
 
@@ -86,9 +87,13 @@ def main(cfg, output: Path | None = None) -> Path:
             "selection": selection_sentence(run_cfg),
             "sources": [s["name"] for s in folds[0].checkpoint["sources"]],
             "encoder_unseen_folds": list(range(n_folds(cfg.data_dir))) if unseen is None else list(unseen)}
-    loads = {str(f.fold): f.metrics["expert_load"] for f in folds if f.metrics.get("expert_load") is not None}
+    loads = [(f.metrics["expert_load"], int((oof["fold"] == f.fold).sum())) for f in folds
+             if f.metrics.get("expert_load") is not None]
     if loads:
-        meta["expert_load"] = loads  # mean gate load per expert, each fold's model on its scored rows
+        # each fold's model on its own scored rows, pooled over every scored row
+        meta["expert_load"] = pooled_load(loads)
+        meta["expert_load_note"] = EXPERT_LOAD_NOTE
+        meta["expert_load_per_fold"] = {str(f.fold): f.metrics["expert_load"] for f in folds if f.metrics.get("expert_load")}
     test = pd.DataFrame({"sample_id": table["sample_id"].astype(str), "log_pred": test_log})
     where = write_predictions(cfg.predictions_dir, cfg.run_name, oof, test, meta)
     log.info("wrote %s (%s: %d train rows, %d test rows)", where, oof_kind, len(oof), len(test))

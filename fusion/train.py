@@ -38,8 +38,8 @@ from core.runs import claim_run_dir, is_fresh_start, load_last, save_last
 from core.runtime import amp_dtype, autocast, pick_device, progress, seed_everything, setup_logging
 from core.tables import encoder_rows, holdout_fold, load_table, n_folds
 from fusion.config import FusionConfig
-from fusion.inference import (FusionInputs, available_sources, expert_load, load_checkpoint, load_inputs,
-                              predict_log, predict_with_load)
+from fusion.inference import (EXPERT_LOAD_NOTE, FusionInputs, available_sources, expert_load, load_checkpoint,
+                              load_inputs, pooled_load, predict_log, predict_with_load)
 from fusion.models import build_model, count_parameters, specs_to_dicts
 
 MODELS = ("all_embeddings", "qwen_clip")
@@ -242,6 +242,10 @@ def main(cfg: FusionConfig) -> dict:
                "parameters": per_fold[0]["parameters"], "train_seconds": time.time() - t0,
                "sources": [s.name for s in inputs.specs], "selection": cfg.selection,
                "selection_note": selection_sentence(cfg), "encoder_unseen_folds": unseen, "complete": True}
+    fold_rows = table["fold"].value_counts()
+    if (loads := [(m["expert_load"], int(fold_rows[m["fold"]])) for m in per_fold if m.get("expert_load") is not None]):
+        summary["expert_load"] = pooled_load(loads)  # over every scored row of the run's folds
+        summary["expert_load_note"] = EXPERT_LOAD_NOTE
     if cfg.folds == "all":
         oof = pd.concat([pd.read_csv(run_dir / f"fold_{k}" / "val_predictions.csv", dtype={"sample_id": str}) for k in folds])
         oof = oof.set_index("sample_id").loc[table["sample_id"].astype(str)].reset_index()

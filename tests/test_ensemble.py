@@ -375,6 +375,10 @@ def test_bench_shows_the_expert_load_per_expert():
     assert expert_load_text({"expert_load": per_fold}) == "0.50/0.40/0.10 (min 0.10)"
     assert expert_load_text({"expert_load": [0.0, 0.0, 1.0]}) == "0.00/0.00/1.00 (min 0.00)"  # a collapsed gate
     assert expert_load_text({"oof_kind": "out_of_fold"}) == ""
+    # pooled load as fusion writes it, the minimum read from the per-fold loads
+    assert expert_load_text({"expert_load": [0.4, 0.35, 0.25],
+                             "expert_load_per_fold": {"0": [0.5, 0.45, 0.05], "1": [0.3, 0.25, 0.45]}}) == \
+        "0.40/0.35/0.25 (min 0.05)"
 
 
 @pytest.mark.parametrize("calibration_min_gain", [-1000.0, 1000.0])  # calibration forced on, forced off

@@ -164,3 +164,25 @@ def test_hierarchical_model_takes_any_number_of_sources(n_sources):
                                         use_advanced_model=advanced)
         pred, _ = model([torch.randn(3, s.dim) for s in specs], [torch.ones(3, dtype=torch.bool)] * n_sources)
         assert pred.shape == (3,)
+
+
+def test_router_balance_term_is_one_when_balanced_and_n_when_collapsed_and_top_k_is_sparse():
+    from fusion.blocks import Router
+
+    router = Router(4, 3, load_balance_weight=1.0, z_loss_weight=0.0)
+    with torch.no_grad():
+        router.linear.weight.zero_()
+        router.linear.bias.copy_(torch.tensor([0.0, 0.0, 30.0]))  # every row on expert 2, probability ~1
+    _, aux = router(torch.randn(64, 4))
+    assert aux.item() == pytest.approx(3.0, abs=1e-3) and router.last_load.tolist() == [0.0, 0.0, 1.0]
+    with torch.no_grad():
+        router.linear.weight.copy_(torch.eye(3, 4) * 50.0)
+        router.linear.bias.zero_()
+    x = torch.eye(3, 4).repeat(20, 1)  # a third of the rows certain of each expert
+    _, aux = router(x)
+    assert aux.item() == pytest.approx(1.0, abs=1e-3) and router.last_load.tolist() == pytest.approx([1 / 3] * 3)
+    sparse = Router(4, 3, top_k=2)
+    g, _ = sparse(torch.randn(16, 4))
+    assert ((g == 0).sum(1) == 1).all() and torch.allclose(g.sum(1), torch.ones(16))
+    with pytest.raises(ValueError, match="top_k"):
+        Router(4, 3, top_k=1)

@@ -86,8 +86,9 @@ def test_predict_test_writes_a_checked_submission_that_beats_the_baseline(plante
     out = predict_test.main(cfg, tmp_path / "test_out.csv")
     assert check_submission(out, planted / "raw" / "test.csv") == []
     meta = read_predictions(cfg.predictions_dir, cfg.run_name).meta
-    load = meta["expert_load"]["0"]  # the MoE head's mean gate load on the scored fold
+    load = meta["expert_load"]  # per expert, the share of the scored fold's rows whose top gate it is
     assert len(load) == cfg.n_experts and sum(load) == pytest.approx(1.0, abs=1e-3)
+    assert meta["expert_load_per_fold"] == {"0": load}
     pred = pd.read_csv(out, dtype={"sample_id": str}).set_index("sample_id")["price"]
     labels = pd.read_csv(planted / "raw" / "test_labels.csv", dtype={"sample_id": str}).set_index("sample_id")["price"]
     train_median = load_table(planted / "data", "train")["price"].median()

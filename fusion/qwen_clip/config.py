@@ -17,6 +17,8 @@ CONFIG = FusionConfig(
 
 PROFILES = {
     "default": CONFIG,
-    "small": small_profile(CONFIG),
+    # its own two sources only (no text_tabular): all_embeddings already trains this block on the vectors
+    # plus the tabular source, so in profile=small (no images) this is the text encoder's vectors alone
+    "small": small_profile(CONFIG, sources=list(CONFIG.sources)),
     "tiny": tiny_profile(CONFIG),
 }
