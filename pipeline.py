@@ -57,7 +57,7 @@ EXTRACTION_ONLY = {
 TRAINING_ONLY = {
     "clip": {"out_dir", "run_name", "loss", "l1_warmup_epochs", "epochs", "batch_size", "lr_backbone", "lr_head",
              "weight_decay", "warmup_steps", "freeze_blocks", "freeze_norms", "head_hidden", "grad_clip",
-             "early_stopping_patience", "selection_fraction", "seed", "wise_alpha"},
+             "early_stopping_patience", "selection_fraction", "encoder_folds", "seed", "wise_alpha"},
     "qwen": {"out_dir", "run_name", "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "gradient_checkpointing",
              "head_hidden", "loss", "l1_warmup_epochs", "epochs", "batch_size", "grad_accum", "lr", "head_lr",
              "weight_decay", "warmup_ratio", "grad_clip", "early_stopping_patience", "selection_fraction",
@@ -136,7 +136,7 @@ def stage_configs(profile: str, overrides: list[str], root: Path | None = None) 
     # encoder per fold (encoder_folds=all) every row's vector comes from an encoder that never saw it
     qwen, clip = cfgs["qwen"], cfgs["clip"]
     finetuned = ([qwen.source_name] * (qwen.finetune and qwen.encoder_folds != "all")
-                 + [clip.source_name] * (clip.use_finetuned and getattr(clip, "encoder_folds", "holdout") != "all"))
+                 + [clip.source_name] * (clip.use_finetuned and clip.encoder_folds != "all"))
     cfgs["heads"] = dataclasses.replace(cfgs["heads"], finetuned_sources=finetuned)
     return cfgs
 

@@ -28,6 +28,10 @@ class ClipConfig:
     grad_clip: float = 1.0
     early_stopping_patience: int = 3  # epochs without a better SMAPE on the selection slice
     selection_fraction: float = 0.1  # share of the training folds that chooses the checkpoint; the holdout fold stays unseen
+    # holdout: one encoder, trained outside the data stage's holdout fold (fusion and the ensemble then score that
+    # fold only). all: one encoder per fold (k fine-tunes, k times the cost): each train row's vector and image-head
+    # prediction come from the encoder that never saw its fold, test rows average the k encoders
+    encoder_folds: str = "holdout"
     num_workers: int = 8  # image-decoding worker processes
     seed: int = 42
     device: str = "auto"

@@ -16,10 +16,18 @@ The backbone learns at a far lower rate than the head; the first `freeze_blocks`
 norms can be frozen. Warmup then cosine, AMP on CUDA, gradient clipping. The run folder
 out_dir/run_name holds config.json, last.pt (every epoch, for resume), best.pt with best.json,
 history.csv, val_predictions.csv (the holdout fold, chosen checkpoint) and metrics.json.
+
+With `encoder_folds=all` there is one fine-tune per fold (k times the cost): the encoder scored on
+fold k trains and chooses its checkpoint outside fold k, in out_dir/run_name/fold_<k>/ with its own
+last.pt, best.pt, history.csv, val_predictions.csv (fold k) and metrics.json; the run folder's
+metrics.json holds each fold's and the mean scored-fold SMAPE. A re-run skips the folds already
+finished and resumes the interrupted one. When one fold's encoder has no usable image to train on,
+the whole stage steps aside as above: some train rows would have no encoder blind to them.
 """
 from __future__ import annotations
 
 import math
+import shutil
 import time
 from pathlib import Path
 
@@ -28,18 +36,18 @@ import pandas as pd
 import torch
 
 from clip_finetune.config import PROFILES, ClipConfig
-from clip_finetune.model import ClipRegressor, freeze
+from clip_finetune.model import ClipRegressor, check_encoder_folds, encoder_dir, encoder_folds, freeze
 from core.config import parse_args, to_dict
 from core.distributed import barrier, cleanup, init_device
 from core.encode import describe_failures, find_undecodable, image_loader
 from core.errors import PipelineError, run_cli
-from core.io import atomic_save, write_json
+from core.io import atomic_save, read_json, write_json
 from core.losses import get_loss, l1_log_loss
 from core.metrics import format_table, price_bin_report, prices_from_log, smape
 from core.open_clip_models import image_size_of, load_open_clip
 from core.runs import claim_run_dir, load_last, save_last
 from core.runtime import autocast, progress, seed_everything, setup_logging, warmup_cosine
-from core.tables import encoder_rows, encoder_selection, holdout_fold, load_table
+from core.tables import encoder_rows, encoder_selection, load_table
 
 
 @torch.no_grad()
@@ -76,6 +84,8 @@ def step_aside(run_dir: Path, reason: str, dist, log) -> dict:
         log.warning("clip_finetune steps aside, no image model is trained: %s", reason)
         for stale in ("best.pt", "best.json", "val_predictions.csv"):  # an earlier run's outputs must not be read as this one's
             (run_dir / stale).unlink(missing_ok=True)
+        for stale in run_dir.glob("fold_*"):
+            shutil.rmtree(stale)
         write_json(run_dir / "metrics.json", metrics)
     barrier(dist)
     cleanup(dist)
@@ -83,34 +93,93 @@ def step_aside(run_dir: Path, reason: str, dist, log) -> dict:
 
 
 def main(cfg: ClipConfig) -> dict:
+    check_encoder_folds(cfg)  # a bad value is refused before anything is written
     dist, device, dtype = init_device(cfg.device, cfg.precision)
     run_dir = Path(cfg.out_dir) / cfg.run_name
     log = setup_logging("clip_finetune", run_dir if dist.is_main else None)
-    finished = claim_run_dir(run_dir, cfg, write=dist.is_main)
+    finished = claim_run_dir(run_dir, cfg, write=dist.is_main,
+                             outputs=("fold_*", "best.pt", "best.json", "last.pt", "history.csv", "val_predictions.csv",
+                                      "metrics.json"))
     if finished:
         log.info("%s is complete for this config; nothing to do (resume=false retrains)", run_dir)
         cleanup(dist)
         return finished
-    seed_everything(cfg.seed)
 
-    # data: the data stage's split. Fit on `fit`, choose the checkpoint on `select`, score the holdout
-    # fold once at the end. A row without a usable image (none, or a file that fails to decode)
-    # takes part in neither: a blank image with a real price would teach the model noise.
+    # data: the data stage's split. Each encoder fits on `fit`, chooses its checkpoint on `select` and
+    # scores its fold once at the end. A row without a usable image (none, or a file that fails to
+    # decode) takes part in neither: a blank image with a real price would teach the model noise.
     table = load_table(cfg.data_dir, "train")
-    holdout = holdout_fold(cfg.data_dir)
-    fit, select = encoder_rows(table, holdout, cfg.selection_fraction, cfg.seed)
-    scored = table["fold"].to_numpy() == holdout
+    folds = encoder_folds(cfg)
     has_image = table["has_image"].to_numpy(bool)
+    usable, failures = usable_images(table, cfg.num_workers, dist, log) if has_image.any() else (has_image, {})
+    plan = {fold: encoder_plan(cfg, table, usable, failures, fold) for fold in folds}
+    blocked = {fold: reason for fold, (_, _, reason) in plan.items() if reason}
+    if blocked:
+        fold, reason = next(iter(blocked.items()))
+        if cfg.encoder_folds == "all":
+            reason = (f"the encoder scored on fold {fold} has nothing to learn from: {reason}; one encoder per fold "
+                      f"needs every fold's")
+        return step_aside(run_dir, reason, dist, log)
+
+    per_fold = {}
+    for fold in folds:
+        fold_dir = encoder_dir(cfg, fold)
+        done = fold_dir / "metrics.json"
+        if cfg.encoder_folds == "all" and cfg.resume and done.exists() and read_json(done).get("complete"):
+            log.info("fold %d: encoder already trained (%s)", fold, fold_dir)
+            per_fold[fold] = read_json(done)
+            continue
+        fit, select, _ = plan[fold]
+        per_fold[fold] = train_encoder(cfg, table, fit, select, usable, failures, fold, fold_dir, dist, device, dtype, log)
+    metrics = per_fold[fold]
+    if cfg.encoder_folds == "all" and dist.is_main:
+        metrics = fold_summary(per_fold)
+        write_json(run_dir / "metrics.json", metrics)
+        log.info("one encoder per fold: mean scored-fold SMAPE %s (%s)", f"{metrics['val_smape']:.3f}" if metrics["val_smape"]
+                 is not None else "none", ", ".join(f"fold {k} {v if v is None else round(v, 2)}"
+                                                    for k, v in metrics["val_smape_by_fold"].items()))
+    barrier(dist)
+    cleanup(dist)
+    return metrics
+
+
+def encoder_plan(cfg: ClipConfig, table: pd.DataFrame, usable: np.ndarray, failures: dict, scored_fold: int):
+    """(fit, select, reason) for the encoder scored on `scored_fold`: the rows it may train on and
+    choose its checkpoint with, and why it cannot be trained (None when it can)."""
+    fit, select = encoder_rows(table, scored_fold, cfg.selection_fraction, cfg.seed)
+    has_image = table["has_image"].to_numpy(bool)
+    reason = None
     if not has_image[fit].any():
-        return step_aside(run_dir, f"no training row has an image (has_image is false for all {int(fit.sum())} "
-                                   f"rows outside the holdout fold and the selection slice)", dist, log)
-    usable, failures = usable_images(table, cfg.num_workers, dist, log)
-    if not usable[fit].any():
-        return step_aside(run_dir, f"none of the {int(has_image[fit].sum())} training images decodes "
-                                   f"({describe_failures(failures, table['sample_id'])})", dist, log)
+        reason = (f"no training row has an image (has_image is false for all {int(fit.sum())} rows outside fold "
+                  f"{scored_fold} and the selection slice)")
+    elif not usable[fit].any():
+        reason = (f"none of the {int(has_image[fit].sum())} training images decodes "
+                  f"({describe_failures(failures, table['sample_id'])})")
+    return fit, select, reason
+
+
+def fold_summary(per_fold: dict) -> dict:
+    """The run folder's metrics with one encoder per fold: each fold's scored SMAPE and their mean
+    (over the folds that had an image to score). Keys are strings, as metrics.json reads back."""
+    scored = {str(k): m["val_smape"] for k, m in per_fold.items()}
+    baseline = [m["constant_median_val_smape"] for m in per_fold.values() if m["constant_median_val_smape"] is not None]
+    known = [v for v in scored.values() if v is not None]
+    return {"val_smape": float(np.mean(known)) if known else None, "val_smape_by_fold": scored,
+            "constant_median_val_smape": float(np.mean(baseline)) if baseline else None,
+            "best_epoch_by_fold": {str(k): m["best_epoch"] for k, m in per_fold.items()},
+            "selection": next(iter(per_fold.values()))["selection"], "encoder_folds": "all", "complete": True}
+
+
+def train_encoder(cfg: ClipConfig, table: pd.DataFrame, fit: np.ndarray, select: np.ndarray, usable: np.ndarray,
+                  failures: dict, scored_fold: int, run_dir: Path, dist, device, dtype, log) -> dict:
+    """Fine-tune one encoder on `fit`, choose its checkpoint on `select` (a slice of its training
+    folds), and score `scored_fold` once with that checkpoint; everything lands in `run_dir`."""
+    seed_everything(cfg.seed)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    scored = table["fold"].to_numpy() == scored_fold
     if not usable[select].any():
-        raise PipelineError(f"{cfg.data_dir}: none of the {int(select.sum())} selection rows has a usable image; "
-                            f"raise selection_fraction (now {cfg.selection_fraction})")
+        raise PipelineError(f"{cfg.data_dir}: none of the {int(select.sum())} selection rows of the encoder scored on "
+                            f"fold {scored_fold} has a usable image; raise selection_fraction (now {cfg.selection_fraction})")
     fit_rows = table[fit & usable].reset_index(drop=True)
     select_rows = table[select & usable].reset_index(drop=True)
     holdout_rows = table[scored].reset_index(drop=True)
@@ -160,10 +229,10 @@ def main(cfg: ClipConfig) -> dict:
         scheduler.load_state_dict(state["scheduler"])
         start_epoch, best, bad_epochs, history = state["epoch"] + 1, state["best"], state["bad_epochs"], state["history"]
         log.info("resumed at epoch %d (best selection SMAPE %.3f)", start_epoch, best)
-    log.info("%s: %d-d image vectors at %d px; %s trainable backbone parameters; %d fit / %d select / %d holdout "
+    log.info("%s: %d-d image vectors at %d px; %s trainable backbone parameters; %d fit / %d select / %d fold-%d "
              "images (%d train rows without a usable image left out); device %s x%d, amp %s", cfg.model, embed_dim,
-             size, f"{trainable:,}", len(fit_rows), len(select_rows), int(holdout_usable.sum()), int((~usable).sum()),
-             device, dist.world_size, dtype)
+             size, f"{trainable:,}", len(fit_rows), len(select_rows), int(holdout_usable.sum()), scored_fold,
+             int((~usable).sum()), device, dist.world_size, dtype)
 
     for epoch in range(start_epoch, cfg.epochs):
         if bad_epochs >= cfg.early_stopping_patience:
@@ -229,20 +298,20 @@ def main(cfg: ClipConfig) -> dict:
 
     metrics = {"select_smape": best, "epochs_run": len(history), "fit_images": len(fit_rows),
                "select_images": len(select_rows), "val_images": int(holdout_usable.sum()),
-               "images_failed_to_decode": len(failures), "selection": encoder_selection(cfg.selection_fraction)}
+               "images_failed_to_decode": len(failures), "selection": encoder_selection(cfg.selection_fraction),
+               "scored_fold": scored_fold}
     if dist.is_main:
         metrics.update(score_holdout(model, run_dir, holdout_rows, holdout_usable, preprocess_eval, size, cfg, device,
                                      dtype, price_median, log))
         write_json(run_dir / "metrics.json", {**metrics, "complete": True})
     barrier(dist)
-    cleanup(dist)
     return {**metrics, "complete": True}
 
 
 def score_holdout(model, run_dir: Path, rows: pd.DataFrame, usable: np.ndarray, transform, size: int, cfg, device,
                   dtype, price_median: float, log) -> dict:
-    """The chosen checkpoint's predictions for every holdout row (the training median where there
-    is no usable image) to val_predictions.csv, and its SMAPE on the rows with an image."""
+    """The chosen checkpoint's predictions for every row of its scored fold (the training median
+    where there is no usable image) to val_predictions.csv, and its SMAPE on the rows with an image."""
     ckpt = torch.load(run_dir / "best.pt", map_location="cpu", weights_only=False)
     model.visual.load_state_dict(ckpt["visual"])
     model.head.load_state_dict(ckpt["head"])
@@ -255,11 +324,11 @@ def score_holdout(model, run_dir: Path, rows: pd.DataFrame, usable: np.ndarray, 
                         "log_pred": log_pred, "has_usable_image": present})
     atomic_save(lambda tmp: out.to_csv(tmp, index=False), run_dir / "val_predictions.csv")
     if not present.any():
-        log.warning("no holdout row has a usable image; the holdout fold is not scored")
+        log.warning("no row of the scored fold has a usable image; the fold is not scored")
         return {"val_smape": None, "constant_median_val_smape": None, "best_epoch": ckpt["epoch"]}
     val_smape = smape(price[present], pred[present])
     baseline = smape(price[present], np.full(int(present.sum()), price_median))
-    log.info("holdout SMAPE %.3f with the epoch-%d checkpoint (constant median %.3f), on %d holdout images:\n%s",
+    log.info("scored-fold SMAPE %.3f with the epoch-%d checkpoint (constant median %.3f), on %d holdout images:\n%s",
              val_smape, ckpt["epoch"], baseline, int(present.sum()),
              format_table(price_bin_report(price[present], pred[present])))
     return {"val_smape": val_smape, "constant_median_val_smape": baseline, "best_epoch": ckpt["epoch"]}

@@ -12,7 +12,8 @@ import torch
 
 from clip_finetune import extract_embeddings, train
 from clip_finetune.config import PROFILES
-from clip_finetune.model import freeze, wise_ft
+from clip_finetune.model import freeze, price_head, wise_ft
+from core.config import ConfigError
 from core.embedding_cache import load_embeddings, skipped_reason
 from core.io import read_json
 from core.open_clip_models import load_open_clip
@@ -114,13 +115,14 @@ def no_image_tables(demo_catalog, dst):
     return dst
 
 
-def test_without_any_image_training_and_extraction_step_aside(demo_catalog, tiny_models, tmp_path, capsys):
+@pytest.mark.parametrize("encoder_folds", ["holdout", "all"])
+def test_without_any_image_training_and_extraction_step_aside(demo_catalog, tiny_models, tmp_path, capsys, encoder_folds):
     data = no_image_tables(demo_catalog, tmp_path / "data")
-    cfg = replace(config(demo_catalog, tiny_models, tmp_path), data_dir=data)
+    cfg = replace(config(demo_catalog, tiny_models, tmp_path, encoder_folds=encoder_folds), data_dir=data)
     metrics = train.main(cfg)
     assert metrics["skipped"] and metrics["complete"] and "has_image is false" in metrics["reason"]
     assert read_json(tmp_path / "tiny" / "metrics.json") == metrics
-    assert not (tmp_path / "tiny" / "best.pt").exists()
+    assert not (tmp_path / "tiny" / "best.pt").exists() and not list((tmp_path / "tiny").glob("fold_*"))
     assert train.main(cfg) == metrics  # a re-run sees a finished stage
     extract_embeddings.main(cfg)
     log = capsys.readouterr().out
@@ -185,3 +187,186 @@ def test_ddp_on_two_cpu_processes(demo_catalog, tiny_models, tmp_path):
     assert len(history) == 2 and np.isfinite(history["select_smape"]).all()
     table = load_table(demo_catalog / "data", "test")
     assert load_embeddings(tmp_path / "emb", "clip_image", "test", table["sample_id"]).values.shape == (len(table), 32)
+
+
+@pytest.fixture(scope="module")
+def per_fold(demo_catalog, tiny_models, tmp_path_factory):
+    """One encoder per fold, killed in the second fold's second epoch, resumed, then extracted. Records
+    the rows each encoder was given, the image loaders each fine-tune built, and which folds each of
+    the two runs trained."""
+    out = tmp_path_factory.mktemp("clip_folds")
+    cfg = config(demo_catalog, tiny_models, out, encoder_folds="all", epochs=2, early_stopping_patience=10, device="cpu")
+    spied = {"rows": {}, "loaders": [], "trained": [[], []], "resumed_from": {}}
+    real = {name: getattr(train, name) for name in ("encoder_rows", "image_loader", "train_encoder", "load_last",
+                                                    "predict_log")}
+    run = 0
+
+    def encoder_rows(table, scored_fold, *args):
+        fit, select = real["encoder_rows"](table, scored_fold, *args)
+        spied["rows"].setdefault(scored_fold, set()).update(table.loc[fit | select, "fold"])
+        return fit, select
+
+    def image_loader(paths, *args, **kwargs):
+        spied["loaders"].append((kwargs.get("shuffle", False), set(paths)))
+        return real["image_loader"](paths, *args, **kwargs)
+
+    def train_encoder(*args):
+        spied["trained"][run].append(args[6])  # scored_fold
+        return real["train_encoder"](*args)
+
+    def load_last(path, *args, **kwargs):
+        state = real["load_last"](path, *args, **kwargs)
+        spied["resumed_from"][Path(path).parent.name] = None if state is None else state["epoch"]
+        return state
+
+    calls = []
+
+    def predict_log(*args):
+        calls.append(1)
+        if len(calls) == 5:  # fold 0 made 3 calls (2 epochs + its score); this is fold 1's second epoch
+            raise KeyboardInterrupt
+        return real["predict_log"](*args)
+
+    with pytest.MonkeyPatch.context() as mp:
+        for name, spy in (("encoder_rows", encoder_rows), ("image_loader", image_loader),
+                          ("train_encoder", train_encoder), ("load_last", load_last), ("predict_log", predict_log)):
+            mp.setattr(train, name, spy)
+        with pytest.raises(KeyboardInterrupt):
+            train.main(cfg)
+        fold_0 = (out / "tiny" / "fold_0" / "best.pt").read_bytes()
+        run = 1
+        metrics = train.main(cfg)
+    assert (out / "tiny" / "fold_0" / "best.pt").read_bytes() == fold_0  # a finished fold is not trained again
+    extract_embeddings.main(cfg)
+    return cfg, metrics, spied
+
+
+TOWERS = {}
+
+
+def fold_tower(cfg, fold):
+    """The image tower and head of the encoder scored on `fold`, with the eval transform (loaded once)."""
+    key = (str(cfg.out_dir), fold)
+    if key not in TOWERS:
+        TOWERS[key] = load_fold_tower(cfg, fold)
+    return TOWERS[key]
+
+
+def load_fold_tower(cfg, fold):
+    clip, _, transform, _ = load_open_clip(cfg.model, None)
+    ckpt = torch.load(Path(cfg.out_dir) / cfg.run_name / f"fold_{fold}" / "best.pt", map_location="cpu",
+                      weights_only=False)
+    clip.visual.load_state_dict(ckpt["visual"])
+    head = price_head(ckpt["embed_dim"], cfg.head_hidden)
+    head.load_state_dict(ckpt["head"])
+    return clip.visual.eval(), head.eval(), transform, ckpt
+
+
+def encode(tower, transform, paths):
+    from PIL import Image
+
+    with torch.no_grad():
+        return tower(torch.stack([transform(Image.open(p).convert("RGB")) for p in paths])).numpy()
+
+
+def test_one_encoder_per_fold_never_trains_or_chooses_on_its_own_fold_and_resumes(demo_catalog, per_fold):
+    cfg, metrics, spied = per_fold
+    table = load_table(demo_catalog / "data", "train")
+    folds = sorted(table["fold"].unique().tolist())
+    assert sorted(spied["rows"]) == folds and all(k not in used for k, used in spied["rows"].items())
+    # what the fine-tunes really read: each one's fit and selection loaders hold no image of the fold it scores
+    fold_of = dict(zip(table.loc[table["has_image"], "image_path"], table.loc[table["has_image"], "fold"]))
+    groups = []
+    for shuffled, paths in spied["loaders"]:
+        if shuffled:  # a fine-tune starts: fit loader, then the selection loader, then the scored fold's
+            groups.append([])
+        groups[-1].append({fold_of[p] for p in paths if p in fold_of})
+    scored = [g for g in groups if len(g) == 3]
+    assert [g[2] for g in scored] == [{k} for k in folds]
+    for fit, select, (k,) in scored:
+        assert k not in fit | select and fit == set(folds) - {k}
+    # killed in fold 1: the resumed run skips fold 0, picks fold 1 up after its first epoch, trains the rest
+    assert spied["trained"] == [[0, 1], folds[1:]]
+    assert spied["resumed_from"]["fold_1"] == 0 and spied["resumed_from"]["fold_2"] is None
+    assert len(pd.read_csv(Path(cfg.out_dir) / "tiny" / "fold_1" / "history.csv")) == 2
+    assert sorted(metrics["val_smape_by_fold"]) == [str(k) for k in folds] and metrics["encoder_folds"] == "all"
+    assert metrics["val_smape"] == pytest.approx(np.mean(list(metrics["val_smape_by_fold"].values())))
+    for k in folds:
+        fold_metrics = read_json(Path(cfg.out_dir) / "tiny" / f"fold_{k}" / "metrics.json")
+        assert fold_metrics["scored_fold"] == k and fold_metrics["complete"]
+        assert fold_metrics["val_smape"] == pytest.approx(metrics["val_smape_by_fold"][str(k)])
+    assert train.main(cfg) == read_json(Path(cfg.out_dir) / "tiny" / "metrics.json")  # finished: nothing to do
+
+
+def test_each_train_vector_comes_from_the_encoder_blind_to_its_fold_and_test_vectors_average_them(demo_catalog,
+                                                                                                    per_fold):
+    cfg, _, _ = per_fold
+    train_table, test_table = load_table(demo_catalog / "data", "train"), load_table(demo_catalog / "data", "test")
+    folds = sorted(train_table["fold"].unique().tolist())
+    cached = load_embeddings(cfg.embeddings_dir, "clip_image", "train", train_table["sample_id"])
+    assert (cached.present == train_table["has_image"].to_numpy()).all()  # masked rows stay masked
+    assert not cached.values[~cached.present].any()
+    assert cached.meta["config"]["encoder_folds"] == "all"
+    assert cached.meta["config"]["checkpoint_epoch"] == {
+        str(k): read_json(Path(cfg.out_dir) / "tiny" / f"fold_{k}" / "best.json")["epoch"] for k in folds}
+    with_image = train_table[train_table["has_image"]]
+    rows = [with_image.index[with_image["fold"] == k][0] for k in folds]  # one row of every fold
+    towers = {k: fold_tower(cfg, k) for k in folds}
+    by_encoder = {k: encode(tower, transform, train_table.loc[rows, "image_path"]) for k, (tower, _, transform, _)
+                  in towers.items()}
+    for j, (k, row) in enumerate(zip(folds, rows)):
+        np.testing.assert_allclose(cached.values[row], by_encoder[k][j], atol=2e-2, rtol=1e-2)  # float16 storage
+        assert np.abs(cached.values[row] - by_encoder[(k + 1) % len(folds)][j]).max() > 0.1  # not another fold's
+
+    test_cached = load_embeddings(cfg.embeddings_dir, "clip_image", "test", test_table["sample_id"])
+    assert (test_cached.present == test_table["has_image"].to_numpy()).all()
+    some = test_table.index[test_table["has_image"]][:4]
+    each = [encode(tower, transform, test_table.loc[some, "image_path"]) for tower, _, transform, _ in towers.values()]
+    np.testing.assert_allclose(test_cached.values[some], np.mean(each, axis=0), atol=2e-2, rtol=1e-2)
+
+
+def test_head_predictions_are_out_of_fold_over_every_fold_and_test_averages_the_fold_heads(demo_catalog, per_fold):
+    cfg, _, _ = per_fold
+    train_table, test_table = load_table(demo_catalog / "data", "train"), load_table(demo_catalog / "data", "test")
+    folds = sorted(train_table["fold"].unique().tolist())
+    preds = read_predictions(cfg.predictions_dir, "clip_head")
+    assert preds.meta["oof_kind"] == "out_of_fold" and preds.meta["encoder_unseen_folds"] == folds
+    assert "one encoder per fold" in preds.meta["selection"]
+    merged = train_table[["sample_id", "fold", "has_image"]].merge(preds.oof, on="sample_id", suffixes=("_table", ""))
+    assert len(merged) == len(train_table) == len(preds.oof)  # every train row, those with an image among them
+    assert (merged["fold"] == merged["fold_table"]).all()
+    # a train row's prediction is its own fold's head on its own fold's tower
+    row = merged[merged["has_image"]].groupby("fold").head(1)
+    for _, r in row.iterrows():
+        tower, head, transform, _ = fold_tower(cfg, int(r["fold"]))
+        path = train_table.loc[train_table["sample_id"] == r["sample_id"], "image_path"]
+        with torch.no_grad():
+            own = float(head(torch.from_numpy(encode(tower, transform, path))).squeeze())
+        assert r["log_pred"] == pytest.approx(own, abs=1e-3)
+    # a test row's prediction is the mean, in log space, of each fold head on its own fold's tower
+    some = test_table.index[test_table["has_image"]][:4]
+    expected = []
+    for k in folds:
+        tower, head, transform, _ = fold_tower(cfg, k)
+        with torch.no_grad():
+            expected.append(head(torch.from_numpy(encode(tower, transform, test_table.loc[some, "image_path"]))).squeeze(-1).numpy())
+    got = preds.test.set_index("sample_id").loc[test_table.loc[some, "sample_id"].astype(str), "log_pred"].to_numpy()
+    np.testing.assert_allclose(got, np.mean(expected, axis=0), atol=1e-3)
+    no_image = test_table.index[~test_table["has_image"]]
+    medians = [np.log1p(fold_tower(cfg, k)[3]["price_median"]) for k in folds]
+    if len(no_image):
+        assert preds.test.set_index("sample_id").loc[str(test_table.loc[no_image[0], "sample_id"]), "log_pred"] == \
+            pytest.approx(np.mean(medians))
+    # a second extraction finds the caches complete and rebuilds the same head predictions without them
+    extract_embeddings.main(cfg)
+    again = read_predictions(cfg.predictions_dir, "clip_head")
+    np.testing.assert_allclose(again.test["log_pred"], preds.test["log_pred"], atol=1e-6)
+
+
+def test_a_bad_encoder_folds_is_refused_before_anything_is_written(demo_catalog, tiny_models, tmp_path):
+    cfg = config(demo_catalog, tiny_models, tmp_path, encoder_folds="each")
+    with pytest.raises(ConfigError, match="encoder_folds"):
+        train.main(cfg)
+    with pytest.raises(ConfigError, match="encoder_folds"):
+        extract_embeddings.main(cfg)
+    assert not (tmp_path / "tiny").exists() and not (tmp_path / "embeddings").exists()
