@@ -35,7 +35,8 @@ import pandas as pd
 import torch
 
 from clip_finetune.config import PROFILES, ClipConfig
-from clip_finetune.model import check_encoder_folds, encoder_dir, encoder_folds, price_head, wise_ft
+from clip_finetune.model import price_head, wise_ft
+from core.runs import check_encoder_folds, encoder_dir, encoder_folds
 from core.config import parse_args
 from core.distributed import barrier, cleanup, init_device
 from core.embedding_cache import SKIPPED_FILE, EmbeddingCacheWriter, load_embeddings, mark_source_skipped

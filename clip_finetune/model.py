@@ -1,7 +1,6 @@
 """The CLIP image tower with a regression head on log1p(price), freezing, and WiSE-FT."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -72,28 +71,3 @@ def wise_ft(base_state: dict, tuned_state: dict, alpha: float) -> dict:
         out[k] = (base.float() * (1 - alpha) + tuned.float() * alpha).to(tuned.dtype) if tuned.is_floating_point() else tuned
     return out
 
-
-ENCODER_FOLDS = ("holdout", "all")
-
-
-def check_encoder_folds(cfg) -> None:
-    from core.config import ConfigError
-
-    if cfg.encoder_folds not in ENCODER_FOLDS:
-        raise ConfigError(f"encoder_folds={cfg.encoder_folds!r}: use holdout (one encoder) or all (one per fold)")
-
-
-def encoder_folds(cfg) -> list[int]:
-    """The folds an encoder is scored on, one fine-tune each: the data stage's holdout fold
-    (`encoder_folds=holdout`), or every fold (`all`)."""
-    from core.tables import holdout_fold, n_folds
-
-    check_encoder_folds(cfg)
-    return list(range(n_folds(cfg.data_dir))) if cfg.encoder_folds == "all" else [holdout_fold(cfg.data_dir)]
-
-
-def encoder_dir(cfg, fold: int) -> Path:
-    """The run folder of the encoder that never saw `fold`: out_dir/run_name, or its fold_<k>/ when
-    there is one encoder per fold."""
-    run_dir = Path(cfg.out_dir) / cfg.run_name
-    return run_dir / f"fold_{fold}" if cfg.encoder_folds == "all" else run_dir

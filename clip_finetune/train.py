@@ -36,16 +36,17 @@ import pandas as pd
 import torch
 
 from clip_finetune.config import PROFILES, ClipConfig
-from clip_finetune.model import ClipRegressor, check_encoder_folds, encoder_dir, encoder_folds, freeze
+from clip_finetune.model import ClipRegressor, freeze
 from core.config import parse_args, to_dict
 from core.distributed import barrier, cleanup, init_device
 from core.encode import describe_failures, find_undecodable, image_loader
 from core.errors import PipelineError, run_cli
-from core.io import atomic_save, read_json, write_json
+from core.io import atomic_save, write_json
 from core.losses import get_loss, l1_log_loss
 from core.metrics import format_table, price_bin_report, prices_from_log, smape
 from core.open_clip_models import image_size_of, load_open_clip
-from core.runs import claim_run_dir, load_last, save_last
+from core.runs import (check_encoder_folds, claim_run_dir, encoder_dir, encoder_folds, finished_encoder, fold_summary,
+                       load_last, save_last)
 from core.runtime import autocast, progress, seed_everything, setup_logging, warmup_cosine
 from core.tables import encoder_rows, encoder_selection, load_table
 
@@ -124,10 +125,9 @@ def main(cfg: ClipConfig) -> dict:
     per_fold = {}
     for fold in folds:
         fold_dir = encoder_dir(cfg, fold)
-        done = fold_dir / "metrics.json"
-        if cfg.encoder_folds == "all" and cfg.resume and done.exists() and read_json(done).get("complete"):
+        if (finished := finished_encoder(cfg, fold_dir)) is not None:
             log.info("fold %d: encoder already trained (%s)", fold, fold_dir)
-            per_fold[fold] = read_json(done)
+            per_fold[fold] = finished
             continue
         fit, select, _ = plan[fold]
         per_fold[fold] = train_encoder(cfg, table, fit, select, usable, failures, fold, fold_dir, dist, device, dtype, log)
@@ -156,18 +156,6 @@ def encoder_plan(cfg: ClipConfig, table: pd.DataFrame, usable: np.ndarray, failu
         reason = (f"none of the {int(has_image[fit].sum())} training images decodes "
                   f"({describe_failures(failures, table['sample_id'])})")
     return fit, select, reason
-
-
-def fold_summary(per_fold: dict) -> dict:
-    """The run folder's metrics with one encoder per fold: each fold's scored SMAPE and their mean
-    (over the folds that had an image to score). Keys are strings, as metrics.json reads back."""
-    scored = {str(k): m["val_smape"] for k, m in per_fold.items()}
-    baseline = [m["constant_median_val_smape"] for m in per_fold.values() if m["constant_median_val_smape"] is not None]
-    known = [v for v in scored.values() if v is not None]
-    return {"val_smape": float(np.mean(known)) if known else None, "val_smape_by_fold": scored,
-            "constant_median_val_smape": float(np.mean(baseline)) if baseline else None,
-            "best_epoch_by_fold": {str(k): m["best_epoch"] for k, m in per_fold.items()},
-            "selection": next(iter(per_fold.values()))["selection"], "encoder_folds": "all", "complete": True}
 
 
 def train_encoder(cfg: ClipConfig, table: pd.DataFrame, fit: np.ndarray, select: np.ndarray, usable: np.ndarray,

@@ -75,3 +75,52 @@ def load_last(path: Path, cfg, map_location="cpu") -> dict | None:
         raise ConfigError(f"{path} was made with another config; use a new run_name or resume=false")
     torch.set_rng_state(state["rng"])
     return state
+
+
+# ---------------------------------------------------------------- one encoder per fold (CLIP and the text stage)
+
+ENCODER_FOLDS = ("holdout", "all")
+
+
+def check_encoder_folds(cfg) -> None:
+    if cfg.encoder_folds not in ENCODER_FOLDS:
+        raise ConfigError(f"encoder_folds={cfg.encoder_folds!r}: use holdout (one encoder) or all (one per fold)")
+
+
+def encoder_folds(cfg) -> list[int]:
+    """The folds an encoder is scored on, one fine-tune each: the data stage's holdout fold
+    (`encoder_folds=holdout`), or every fold (`all`)."""
+    from core.tables import holdout_fold, n_folds
+
+    check_encoder_folds(cfg)
+    return list(range(n_folds(cfg.data_dir))) if cfg.encoder_folds == "all" else [holdout_fold(cfg.data_dir)]
+
+
+def encoder_dir(cfg, fold: int) -> Path:
+    """The run folder of the encoder that never saw `fold`: out_dir/run_name, or its fold_<k>/ when
+    there is one encoder per fold."""
+    run_dir = Path(cfg.out_dir) / cfg.run_name
+    return run_dir / f"fold_{fold}" if cfg.encoder_folds == "all" else run_dir
+
+
+def finished_encoder(cfg, fold_dir: Path) -> dict | None:
+    """A fold's metrics when, with one encoder per fold, that fold's encoder is already trained and
+    `cfg.resume`: a resumed run skips it. None otherwise."""
+    done = Path(fold_dir) / "metrics.json"
+    if cfg.encoder_folds == "all" and cfg.resume and done.exists() and read_json(done).get("complete"):
+        return read_json(done)
+    return None
+
+
+def fold_summary(per_fold: dict) -> dict:
+    """The run folder's metrics with one encoder per fold: each fold's scored SMAPE and their mean
+    (over the folds that had rows to score). Keys are strings, as metrics.json reads back."""
+    import numpy as np
+
+    scored = {str(k): m["val_smape"] for k, m in per_fold.items()}
+    baseline = [m["constant_median_val_smape"] for m in per_fold.values() if m.get("constant_median_val_smape") is not None]
+    known = [v for v in scored.values() if v is not None]
+    return {"val_smape": float(np.mean(known)) if known else None, "val_smape_by_fold": scored,
+            "constant_median_val_smape": float(np.mean(baseline)) if baseline else None,
+            "best_epoch_by_fold": {str(k): m.get("best_epoch", m.get("epochs_run")) for k, m in per_fold.items()},
+            "selection": next(iter(per_fold.values()))["selection"], "encoder_folds": "all", "complete": True}

@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 
 from core.io import atomic_save, write_json
+from core.runs import encoder_dir, encoder_folds
 from core.tables import STRUCTURAL_FEATURES
 
 
@@ -239,21 +240,6 @@ def frozen_run(cfg, device):
     model = PriceRegressor(backbone, backbone.config.hidden_size, cfg.head_hidden, cfg.pooling)
     model.eval()
     return model, scaler, load_tokenizer(cfg.model), {"frozen": True, "epoch": None, "val_smape": None}
-
-
-def encoder_folds(cfg) -> list[int]:
-    """The folds an encoder is scored on, one fine-tune each: the data stage's holdout fold
-    (`encoder_folds=holdout`), or every fold (`all`)."""
-    from core.tables import holdout_fold, n_folds
-
-    return list(range(n_folds(cfg.data_dir))) if cfg.encoder_folds == "all" else [holdout_fold(cfg.data_dir)]
-
-
-def encoder_dir(cfg, fold: int) -> Path:
-    """The run folder of the encoder that never saw `fold`: out_dir/run_name, or its fold_<k>/ when
-    there is one encoder per fold."""
-    run_dir = Path(cfg.out_dir) / cfg.run_name
-    return run_dir / f"fold_{fold}" if cfg.encoder_folds == "all" else run_dir
 
 
 def load_run(cfg, device, fold: int | None = None):

@@ -25,17 +25,18 @@ import numpy as np
 import torch
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
-from core.config import ConfigError, parse_args, to_dict
+from core.config import parse_args, to_dict
 from core.distributed import barrier, cleanup, init_device
 from core.errors import run_cli
-from core.io import read_json, write_json
+from core.io import write_json
 from core.losses import get_loss, l1_log_loss
 from core.metrics import prices_from_log, smape
-from core.runs import claim_run_dir, load_last, save_last
+from core.runs import (check_encoder_folds, claim_run_dir, encoder_dir, encoder_folds, finished_encoder, fold_summary,
+                       load_last, save_last)
 from core.runtime import autocast, progress, seed_everything, setup_logging, warmup_cosine
 from core.tables import STRUCTURAL_FEATURES, encoder_rows, encoder_selection, load_table
 from qwen3_finetune.config import PROFILES, QwenConfig
-from qwen3_finetune.model import (FeatureScaler, encoder_dir, encoder_folds, PriceRegressor, add_lora, collate, length_batches, load_backbone,
+from qwen3_finetune.model import (FeatureScaler, PriceRegressor, add_lora, collate, length_batches, load_backbone,
                                   load_checkpoint, load_tokenizer, pads_left, qwen_input_text, run_rows,
                                   save_checkpoint, tokenize)
 
@@ -44,8 +45,7 @@ def main(cfg: QwenConfig) -> dict:
     dist, device, dtype = init_device(cfg.device, cfg.precision)
     run_dir = Path(cfg.out_dir) / cfg.run_name
     log = setup_logging("qwen3_finetune", run_dir if dist.is_main else None)
-    if cfg.encoder_folds not in ("holdout", "all"):
-        raise ConfigError(f"encoder_folds={cfg.encoder_folds!r}: use holdout (one encoder) or all (one per fold)")
+    check_encoder_folds(cfg)
     finished = claim_run_dir(run_dir, cfg, write=dist.is_main, outputs=("fold_*", "epoch_*", "best", "last.pt", "metrics.json"))
     if not cfg.finetune:
         metrics = {"skipped": True, "reason": "finetune=false: the encoder stays frozen; extraction reads the base model",
@@ -67,21 +67,17 @@ def main(cfg: QwenConfig) -> dict:
     per_fold = {}
     for fold in encoder_folds(cfg):
         fold_dir = encoder_dir(cfg, fold)
-        done = fold_dir / "metrics.json"
-        if cfg.encoder_folds == "all" and cfg.resume and done.exists() and read_json(done).get("complete"):
+        if (finished := finished_encoder(cfg, fold_dir)) is not None:
             log.info("fold %d: encoder already trained (%s)", fold, fold_dir)
-            per_fold[fold] = read_json(done)
+            per_fold[fold] = finished
             continue
         per_fold[fold] = train_encoder(cfg, table, token_ids, tokenizer, fold, fold_dir, dist, device, dtype, log)
     metrics = per_fold[fold]
     if cfg.encoder_folds == "all" and dist.is_main:
-        scored = {k: m["val_smape"] for k, m in per_fold.items()}
-        metrics = {"val_smape": float(np.mean(list(scored.values()))), "val_smape_by_fold": scored,
-                   "constant_median_val_smape": float(np.mean([m["constant_median_val_smape"] for m in per_fold.values()])),
-                   "selection": per_fold[fold]["selection"], "encoder_folds": "all", "complete": True}
+        metrics = fold_summary(per_fold)
         write_json(run_dir / "metrics.json", metrics)
         log.info("one encoder per fold: mean scored-fold SMAPE %.3f (%s)", metrics["val_smape"],
-                 ", ".join(f"fold {k} {v:.2f}" for k, v in scored.items()))
+                 ", ".join(f"fold {k} {v:.2f}" for k, v in metrics["val_smape_by_fold"].items()))
     barrier(dist)
     cleanup(dist)
     return metrics

@@ -246,7 +246,7 @@ def test_one_encoder_per_fold_gives_every_row_a_vector_from_an_encoder_that_neve
     metrics = train.main(cfg)
     folds = sorted(load_table(demo_catalog / "data", "train")["fold"].unique().tolist())
     assert sorted(seen) == folds and all(k not in used for k, used in seen.items())
-    assert sorted(metrics["val_smape_by_fold"]) == folds
+    assert sorted(map(int, metrics["val_smape_by_fold"])) == folds
 
     extract_embeddings.main(cfg)
     table = load_table(demo_catalog / "data", "train")
