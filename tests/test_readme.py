@@ -63,6 +63,9 @@ def parse_command(module: str, args: list[str]):
     if module == "bench.real_data":
         own = [a for a in args if a.split("=", 1)[0] in ("train", "root", "test_rows", "download_images")]
         return pipeline.stage_configs("small", [a for a in args if a not in own])
+    if module == "bench.fusion_small":
+        from bench import fusion_small
+        return fusion_small.parse(args)
     if module.startswith("bench."):
         bench = importlib.import_module(module)
         cls = next(v for k, v in vars(bench).items() if k.endswith("Config") and isinstance(v, type))
