@@ -152,20 +152,24 @@ def test_fold_neighbours_never_see_the_row_itself_nor_excluded_folds():
 # ---------------------------------------------------------------- heads end to end
 
 
-def test_each_head_learns_the_planted_signal_and_writes_predictions(tmp_path):
-    train_df, test_df = planted_tables()
-    # a cache whose vectors carry the product word, with 15% of rows missing; one cache skipped upstream
+def write_text_cache(embeddings_dir, train_df, test_df):
+    """A cache whose vectors carry the product word, with 15% of rows missing."""
     rng = np.random.default_rng(5)
     direction = {k: rng.normal(size=16) for k in PRODUCTS}
     for split, df in (("train", train_df), ("test", test_df)):
         kinds = [next(k for k in PRODUCTS if k in name) for name in df.item_name]
         vectors = np.stack([direction[k] for k in kinds]) + rng.normal(0, 0.3, (len(df), 16))
         present = rng.random(len(df)) > 0.15
-        writer = EmbeddingCacheWriter(tmp_path / "embeddings", "txt", split, df.sample_id, dim=16, modality="text",
+        writer = EmbeddingCacheWriter(embeddings_dir, "txt", split, df.sample_id, dim=16, modality="text",
                                       model="planted", dtype="float32", chunk_size=256)
         for chunk, start, stop in writer.pending_chunks():
             writer.write_chunk(chunk, vectors[start:stop], present[start:stop])
         writer.finalize()
+
+
+def test_each_head_learns_the_planted_signal_and_writes_predictions(tmp_path):
+    train_df, test_df = planted_tables()
+    write_text_cache(tmp_path / "embeddings", train_df, test_df)  # and one cache skipped upstream
     mark_source_skipped(tmp_path / "embeddings", "img", "no usable image")
     cfg, results = run_heads(tmp_path, train_df, test_df, embedding_sources=["txt", "img", "absent"])
 

@@ -12,29 +12,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from core.embedding_cache import EmbeddingCacheWriter, load_embeddings
+from core.embedding_cache import load_embeddings
 from core.predictions import read_predictions
 from core.tables import load_table
 from heads import predict, train
 from heads.config import HEADS, profile
-from test_heads import PRODUCTS, planted_tables, write_tables
+from test_heads import planted_tables, write_tables, write_text_cache
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def write_text_cache(embeddings_dir, train_df, test_df):
-    """A cache whose vectors carry the product word, with 15% of rows missing."""
-    rng = np.random.default_rng(5)
-    direction = {k: rng.normal(size=16) for k in PRODUCTS}
-    for split, df in (("train", train_df), ("test", test_df)):
-        kinds = [next(k for k in PRODUCTS if k in name) for name in df.item_name]
-        vectors = np.stack([direction[k] for k in kinds]) + rng.normal(0, 0.3, (len(df), 16))
-        present = rng.random(len(df)) > 0.15
-        writer = EmbeddingCacheWriter(embeddings_dir, "txt", split, df.sample_id, dim=16, modality="text",
-                                      model="planted", dtype="float32", chunk_size=256)
-        for chunk, start, stop in writer.pending_chunks():
-            writer.write_chunk(chunk, vectors[start:stop], present[start:stop])
-        writer.finalize()
 
 
 @pytest.fixture(scope="module")
