@@ -52,6 +52,25 @@ def out_of_fold(run_folds_, run_cfg: FusionConfig, data_dir: Path) -> tuple[pd.D
     return oof, "out_of_fold"
 
 
+def fold_mean_log(cfg, folds, sample_ids: list[str], device) -> np.ndarray:
+    """log1p predictions for `sample_ids` (their vectors in the caches under cfg.embeddings_dir, split
+    test), averaged over the run's fold models. Rows are independent: any subset of rows gets the
+    values it gets in the whole table. The run's own test rows and new rows are priced here."""
+    idx = torch.arange(len(sample_ids), device=device)
+    inputs_by_sources, logs = {}, []
+    for f in folds:
+        names = tuple(s["name"] for s in f.checkpoint["sources"])
+        if names not in inputs_by_sources:
+            inputs_by_sources[names] = load_inputs(cfg, "test", sample_ids, device, list(names))
+        inputs = inputs_by_sources[names]
+        if [s["dim"] for s in f.checkpoint["sources"]] != [s.dim for s in inputs.specs]:
+            raise PipelineError(f"{f.dir / 'best.pt'} was trained on sources {f.checkpoint['sources']}, "
+                                f"but the test caches are {inputs.specs}")
+        model = model_from_checkpoint(f.checkpoint, device)
+        logs.append(predict_log(model, inputs, idx, 4096, device, amp_dtype(device, cfg.precision)))
+    return np.mean(logs, 0)
+
+
 def main(cfg, output: Path | None = None) -> Path:
     run_dir = Path(cfg.out_dir) / cfg.run_name
     log = setup_logging("fusion.predict_test", run_dir)
@@ -59,19 +78,7 @@ def main(cfg, output: Path | None = None) -> Path:
     device = pick_device(cfg.device)
     folds = run_folds(run_dir, device)
     table = load_table(cfg.data_dir, "test")
-    idx = torch.arange(len(table), device=device)
-    inputs_by_sources, logs = {}, []
-    for f in folds:
-        names = tuple(s["name"] for s in f.checkpoint["sources"])
-        if names not in inputs_by_sources:
-            inputs_by_sources[names] = load_inputs(cfg, "test", table["sample_id"].tolist(), device, list(names))
-        inputs = inputs_by_sources[names]
-        if [s["dim"] for s in f.checkpoint["sources"]] != [s.dim for s in inputs.specs]:
-            raise PipelineError(f"{f.dir / 'best.pt'} was trained on sources {f.checkpoint['sources']}, "
-                                f"but the test caches are {inputs.specs}")
-        model = model_from_checkpoint(f.checkpoint, device)
-        logs.append(predict_log(model, inputs, idx, 4096, device, amp_dtype(device, cfg.precision)))
-    test_log = np.mean(logs, 0)
+    test_log = fold_mean_log(cfg, folds, table["sample_id"].tolist(), device)
     prices = prices_from_log(test_log, min(f.checkpoint["price_floor"] for f in folds))
     raw_test = Path(read_json(Path(cfg.data_dir) / META_FILE)["config"]["raw_dir"]) / "test.csv"
     output = Path(output) if output else run_dir / "test_out.csv"

@@ -96,6 +96,20 @@ def test_predict_test_writes_a_checked_submission_that_beats_the_baseline(plante
     assert smape(labels, pred.loc[labels.index]) < 0.6 * smape(labels, np.full(len(labels), train_median))
 
 
+def test_a_row_gets_the_same_prediction_alone_or_with_the_whole_test_table(planted, trained, tmp_path):
+    from fusion.inference import run_folds
+
+    cfg, _ = trained
+    predict_test.main(cfg, tmp_path / "test_out.csv")
+    folds = run_folds(Path(cfg.out_dir) / cfg.run_name, torch.device("cpu"))
+    ids = load_table(planted / "data", "test")["sample_id"].astype(str).tolist()
+    whole = predict_test.fold_mean_log(cfg, folds, ids, torch.device("cpu"))
+    some = [ids[7], ids[3], ids[40]]
+    np.testing.assert_allclose(predict_test.fold_mean_log(cfg, folds, some, torch.device("cpu")), whole[[7, 3, 40]], atol=1e-6)
+    written = read_predictions(cfg.predictions_dir, cfg.run_name).test.set_index("sample_id")["log_pred"]
+    np.testing.assert_allclose(written.loc[ids].to_numpy(), whole, atol=1e-6)  # the path main wrote with
+
+
 def test_evaluate_by_groups_writes_table_and_plots(trained):
     cfg, _ = trained
     report = evaluate_by_groups.main(cfg)
