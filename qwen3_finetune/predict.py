@@ -28,6 +28,21 @@ from qwen3_finetune.model import encoder_folds, load_run, run_rows, table_inputs
 MODEL_NAME = "text_head"
 
 
+def head_log(cfg: QwenConfig, encoder, table, device, dtype) -> np.ndarray:
+    """One encoder's text-head log1p predictions for the rows of `table`."""
+    model, scaler, tokenizer, _ = encoder
+    token_ids, features = table_inputs(table, tokenizer, scaler, cfg.max_length)
+    return run_rows(model, token_ids, features, cfg.eval_batch_size, tokenizer.pad_token_id, device, dtype)
+
+
+def fold_mean_log(cfg: QwenConfig, table, device, dtype) -> np.ndarray:
+    """The text head's log1p predictions for the rows of `table`, averaged over the run's encoders (one, or
+    one per fold). A row's value does not depend on the other rows (up to float rounding of the
+    length-bucketed batches): the run's own test rows and new rows are priced here."""
+    return np.mean([head_log(cfg, load_run(cfg, device, fold), table, device, dtype) for fold in encoder_folds(cfg)],
+                   axis=0)
+
+
 def main(cfg: QwenConfig) -> Path | None:
     log = setup_logging("qwen3_predict", None)
     if not cfg.finetune:
@@ -38,20 +53,15 @@ def main(cfg: QwenConfig) -> Path | None:
     dtype = amp_dtype(device, cfg.precision)
     train = load_table(cfg.data_dir, "train")
     test = load_table(cfg.data_dir, "test")
+    test_log = fold_mean_log(cfg, test, device, dtype)
     folds = encoder_folds(cfg)
-    oof, test_logs, epochs, floor = [], [], {}, float(train["price"].min())
+    oof, epochs, floor = [], {}, float(train["price"].min())
     for fold in folds:
-        model, scaler, tokenizer, meta = load_run(cfg, device, fold)
-
-        def predict_log(table):
-            token_ids, features = table_inputs(table, tokenizer, scaler, cfg.max_length)
-            return run_rows(model, token_ids, features, cfg.eval_batch_size, tokenizer.pad_token_id, device, dtype)
-
+        encoder = load_run(cfg, device, fold)
         scored = train[train["fold"] == fold].reset_index(drop=True)
-        oof.append(pd.DataFrame({"sample_id": scored["sample_id"], "log_pred": predict_log(scored), "fold": fold}))
-        test_logs.append(predict_log(test))
-        epochs[str(fold)], floor = meta["epoch"], meta["price_floor"]
-    test_log = np.mean(test_logs, axis=0)
+        oof.append(pd.DataFrame({"sample_id": scored["sample_id"], "log_pred": head_log(cfg, encoder, scored, device, dtype),
+                                 "fold": fold}))
+        epochs[str(fold)], floor = encoder[3]["epoch"], encoder[3]["price_floor"]
     prices = prices_from_log(test_log, floor)
     raw_test = Path(read_json(Path(cfg.data_dir) / META_FILE)["config"]["raw_dir"]) / "test.csv"
     out = Path(cfg.out_dir) / cfg.run_name / "test_out.csv"

@@ -269,3 +269,16 @@ def test_one_encoder_per_fold_gives_every_row_a_vector_from_an_encoder_that_neve
     assert sorted(preds.oof["sample_id"]) == sorted(table["sample_id"])
     merged = preds.oof.merge(table[["sample_id", "fold"]], on="sample_id", suffixes=("", "_table"))
     assert (merged["fold"] == merged["fold_table"]).all()
+
+
+def test_text_head_prices_a_row_alone_as_in_the_whole_test_table(demo_catalog, trained, tmp_path):
+    from core.predictions import read_predictions
+
+    cfg, _ = trained
+    cfg = replace(cfg, predictions_dir=tmp_path / "predictions")
+    predict.main(cfg)
+    written = read_predictions(tmp_path / "predictions", "text_head").test.set_index("sample_id")["log_pred"]
+    test = load_table(demo_catalog / "data", "test")
+    rows = test.iloc[[11, 2, 30]].reset_index(drop=True)
+    alone = predict.fold_mean_log(cfg, rows, CPU, None)
+    np.testing.assert_allclose(alone, written.loc[rows["sample_id"]].to_numpy(), atol=1e-5)
