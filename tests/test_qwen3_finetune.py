@@ -26,7 +26,7 @@ CPU = torch.device("cpu")
 
 def config(demo_catalog, tiny_models, out, **kw):
     return replace(PROFILES["tiny"], model=str(tiny_models / "qwen3_tiny"), data_dir=demo_catalog / "data",
-                   out_dir=out, embeddings_dir=out / "embeddings", **kw)
+                   out_dir=out, embeddings_dir=out / "embeddings", predictions_dir=out / "predictions", **kw)
 
 
 @pytest.fixture(scope="module")
@@ -241,8 +241,7 @@ def test_one_encoder_per_fold_gives_every_row_a_vector_from_an_encoder_that_neve
         return fit, select
 
     monkeypatch.setattr(train, "encoder_rows", spy)
-    cfg = config(demo_catalog, tiny_models, tmp_path, epochs=1, quantization="none", encoder_folds="all",
-                 predictions_dir=tmp_path / "predictions")
+    cfg = config(demo_catalog, tiny_models, tmp_path, epochs=1, quantization="none", encoder_folds="all")
     metrics = train.main(cfg)
     folds = sorted(load_table(demo_catalog / "data", "train")["fold"].unique().tolist())
     assert sorted(seen) == folds and all(k not in used for k, used in seen.items())
