@@ -119,6 +119,23 @@ def test_prepare_skips_when_complete_and_reruns_on_config_change(demo_catalog, t
     assert (tmp_path / "p" / "train.parquet").stat().st_mtime_ns != mtime
 
 
+def test_prepare_reads_raw_files_by_content_not_by_time(demo_catalog, tmp_path):
+    import shutil
+
+    raw = tmp_path / "raw"
+    shutil.copytree(demo_catalog / "raw", raw)
+    cfg = PrepareConfig(raw_dir=raw, out_dir=tmp_path / "p", download_workers=2)
+    prepare.main(cfg)
+    written = (tmp_path / "p" / "train.parquet").stat().st_mtime_ns
+    (raw / "train.csv").touch()  # a new time, the same bytes: nothing to redo
+    prepare.main(cfg)
+    assert (tmp_path / "p" / "train.parquet").stat().st_mtime_ns == written
+    text = (raw / "train.csv").read_text(encoding="utf-8")
+    (raw / "train.csv").write_text(text + "\n", encoding="utf-8")
+    prepare.main(cfg)  # new bytes (a trailing blank line): parsed again
+    assert (tmp_path / "p" / "train.parquet").stat().st_mtime_ns != written
+
+
 def test_missing_input_files_say_what_to_do(tmp_path):
     with pytest.raises(DataValidationError, match="raw_dir=FOLDER"):
         prepare.main(PrepareConfig(raw_dir=tmp_path / "nowhere", out_dir=tmp_path / "out"))
