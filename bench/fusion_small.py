@@ -31,6 +31,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from bench import split_options
 from core.metrics import format_table, smape
 from core.runtime import pick_device, setup_logging
 from core.tables import load_table
@@ -45,16 +46,9 @@ ARCHITECTURES = {
 
 def parse(argv: list[str]) -> tuple[dict, list[str]]:
     """(the search's options, the other key=value tokens, which go to every run's fusion config)."""
-    opts = {"root": "/tmp/fusion_work", "work": "/tmp/fusion_small_grid", "folds": "0", "hidden": "64,128,256",
-            "dropout": "0.1,0.3", "sources": "qwen_text,text_tabular", "architectures": "hierarchical,concat_mlp"}
-    extra = []
-    for token in argv:
-        key, _, value = token.partition("=")
-        if key in opts:
-            opts[key] = value
-        else:
-            extra.append(token)
-    return opts, extra
+    return split_options(argv, {"root": "/tmp/fusion_work", "work": "/tmp/fusion_small_grid", "folds": "0",
+                                "hidden": "64,128,256", "dropout": "0.1,0.3", "sources": "qwen_text,text_tabular",
+                                "architectures": "hierarchical,concat_mlp"})
 
 
 def score(cfg, folds: list[int], table: pd.DataFrame, inputs, log) -> dict:

@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from bench import split_options
+
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 
 
@@ -62,14 +64,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     from core.metrics import format_table
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    opts = {"train": str(SHARED / "real" / "train.csv"), "root": "/tmp/real_bench", "test_rows": "2000"}
-    rest = []
-    for token in argv:
-        key, _, value = token.partition("=")
-        if key in opts:
-            opts[key] = value
-        else:
-            rest.append(token)
+    opts, rest = split_options(argv, {"train": str(SHARED / "real" / "train.csv"), "root": "/tmp/real_bench",
+                                      "test_rows": "2000"})
     root = Path(opts["root"])
     raw = make_raw(Path(opts["train"]), root / "raw", int(opts["test_rows"]))
     t0 = time.time()
