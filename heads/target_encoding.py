@@ -117,31 +117,6 @@ def encode_new_rows(stats: KeyStatistics, keys, fold_position: int, m: float):
     return encode(stats, codes, np.full((len(codes), 2), fold_position), m)
 
 
-@dataclass
-class FoldEncoding:
-    """One field's encoding for the model scored on `fold`."""
-    fold: int
-    train_mean: np.ndarray  # [n_train] smoothed mean target
-    train_count: np.ndarray  # [n_train] rows behind it
-    test_mean: np.ndarray  # [n_test]
-    test_count: np.ndarray
-
-
-def fold_target_encoding(train_keys, test_keys, target, folds, m: float) -> list[FoldEncoding]:
-    """One FoldEncoding per fold (sorted fold order) under the fold rule in the module docstring.
-    Keys that are None get NaN (no encoding) and count 0. Test rows are encoded from the folds other
-    than f, the same rows that encode the scored fold's rows, so the model's test features have the
-    scored fold's distribution."""
-    train_keys, test_keys = list(train_keys), list(test_keys)
-    stats = key_statistics(train_keys, target, folds)
-    result = []
-    for a, f in enumerate(stats.fold_ids):
-        train_mean, train_count = encode_train_rows(stats, train_keys, folds, a, m)
-        test_mean, test_count = encode_new_rows(stats, test_keys, a, m)
-        result.append(FoldEncoding(f, train_mean, train_count, test_mean, test_count))
-    return result
-
-
 def fit_statistics(train_keys: pd.DataFrame, targets: dict, folds) -> dict:
     """{tag: {field: KeyStatistics}} for every target ({tag: train values}) and field (column of keys)."""
     return {tag: {field: key_statistics(list(train_keys[field]), target, folds) for field in train_keys.columns}
@@ -167,11 +142,3 @@ def encoding_columns(statistics: dict, keys: pd.DataFrame, m: float, folds=None)
                 if tag == "te":  # the count does not depend on the target: one column per field
                     columns[f"te_{field}_count"] = count
     return per_fold or []
-
-
-def target_encoding_columns(train_keys: pd.DataFrame, test_keys: pd.DataFrame, targets: dict, folds,
-                            m: float) -> list[tuple[dict, dict]]:
-    """Per fold (sorted order): ({column: train values}, {column: test values}) for every field and
-    target; columns as in `encoding_columns`."""
-    statistics = fit_statistics(train_keys, targets, folds)
-    return list(zip(encoding_columns(statistics, train_keys, m, folds), encoding_columns(statistics, test_keys, m)))

@@ -299,12 +299,8 @@ def fold_encodings(inputs: Inputs, tag: str) -> list[dict]:
     for te_tag, target_tag in (("te", "log1p"), ("teq", "per_qty")):
         if te_tag in tags and te_tag not in run.encodings:
             run.encodings.update(fit_statistics(keys, {te_tag: inputs.targets[target_tag]}, inputs.folds))
-    return train_encoding_columns({t: run.encodings[t] for t in tags}, keys, cfg.target_encoding_m, inputs.folds)
-
-
-def train_encoding_columns(statistics: dict, keys: pd.DataFrame, m: float, folds) -> list[dict]:
-    """The train rows' encoding columns per fold model (each row also leaves its own fold out)."""
-    return encoding_columns(statistics, keys, m, folds)
+    # the train rows' columns per fold model: each row also leaves its own fold out
+    return encoding_columns({t: run.encodings[t] for t in tags}, keys, cfg.target_encoding_m, inputs.folds)
 
 
 def lgbm_head(inputs: Inputs, tag: str, head: str = "lgbm"):

@@ -341,7 +341,7 @@ def test_a_brand_seen_once_gets_no_price_from_its_encoding(tmp_path, monkeypatch
         own = (y + m * y.mean()) / (1 + m)
         return [{"te_brand1": own} for _ in range(5)]
 
-    monkeypatch.setattr(train, "train_encoding_columns", leaky)
+    monkeypatch.setattr(train, "encoding_columns", leaky)
     leaked = train.main(cfg)["lgbm"]["oof_smape"]
     assert leaked < 0.3 * baseline, leaked  # measured: 19.3
 

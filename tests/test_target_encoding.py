@@ -1,11 +1,24 @@
 """Out-of-fold target encoding: the values match a brute-force count under the fold rule, a row's
 features never move with its own price nor the scored fold's prices, and a key seen once encodes
 to the global mean of the rows allowed to feed it."""
+from collections import namedtuple
+
 import numpy as np
 import pandas as pd
 import pytest
 
-from heads.target_encoding import category_keys, fold_target_encoding, name_words, target_encoding_columns
+from heads.target_encoding import (category_keys, encode_new_rows, encode_train_rows, encoding_columns, fit_statistics,
+                                   key_statistics, name_words)
+
+
+FoldEncoding = namedtuple("FoldEncoding", "fold train_mean train_count test_mean test_count")
+
+
+def fold_target_encoding(train_keys, test_keys, target, folds, m):
+    """Per fold model (sorted folds): (fold, train means, train counts, test means, test counts)."""
+    stats = key_statistics(list(train_keys), target, folds)
+    return [FoldEncoding(f, *encode_train_rows(stats, list(train_keys), folds, a, m),
+                         *encode_new_rows(stats, list(test_keys), a, m)) for a, f in enumerate(stats.fold_ids)]
 
 
 def keyed_rows(n=300, n_keys=12, seed=0):
@@ -112,9 +125,10 @@ def test_columns_hold_every_field_and_target_with_one_count_each():
     keys, test_keys, target, folds = keyed_rows(n=100)
     train_keys = pd.DataFrame({"brand1": keys, "unit": "ounce"})
     test_frame = pd.DataFrame({"brand1": test_keys, "unit": "ounce"})
-    per_fold = target_encoding_columns(train_keys, test_frame, {"te": target, "teq": target - 1.0}, folds, 2.0)
+    statistics = fit_statistics(train_keys, {"te": target, "teq": target - 1.0}, folds)
+    per_fold = encoding_columns(statistics, train_keys, 2.0, folds)
     assert len(per_fold) == 5
-    train_cols, test_cols = per_fold[0]
+    train_cols, test_cols = per_fold[0], encoding_columns(statistics, test_frame, 2.0)[0]
     assert sorted(train_cols) == sorted(test_cols) == sorted(
         ["te_brand1", "te_brand1_count", "teq_brand1", "te_unit", "te_unit_count", "teq_unit"])
     # shifting the target by a constant shifts the encoding by the same constant
