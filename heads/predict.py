@@ -27,6 +27,7 @@ import scipy.sparse as sp
 from core.config import from_dict, parse_args, to_dict
 from core.embedding_cache import EmbeddingCacheWriter, load_embeddings
 from core.errors import PipelineError, run_cli
+from core.fingerprints import describe_changes, installed_versions, version_differences
 from core.io import read_json, write_json
 from core.predictions import PredictionsError, read_predictions, write_predictions
 from core.runtime import pick_device, setup_logging
@@ -110,15 +111,6 @@ class HeadsRun:
 
 # ---------------------------------------------------------------- save and load
 
-def package_versions() -> dict:
-    import lightgbm
-    import scipy
-    import sklearn
-
-    return {"sklearn": sklearn.__version__, "lightgbm": lightgbm.__version__, "numpy": np.__version__,
-            "scipy": scipy.__version__, "pandas": pd.__version__}
-
-
 def save_run(run: HeadsRun, out_dir: Path) -> Path:
     """Write the run to `out_dir`, replacing an earlier one only once the new one is complete: it is
     written to a sibling folder first, and a crash leaves the earlier run (or none), never half of one.
@@ -157,7 +149,7 @@ def save_run(run: HeadsRun, out_dir: Path) -> Path:
             "complete": True, "config": to_dict(run.cfg), "heads": run.heads, "folds": run.fold_ids,
             "n_train": len(run.train_ids), "sources": list(run.sources), "search_k": run.search_k,
             "knn_fallback": run.knn_fallback, "features": run.features, "lgbm_heads": list(run.lgbm),
-            "versions": package_versions()})
+            "versions": installed_versions()})
         old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
         if out_dir.exists():
             os.replace(out_dir, old)
@@ -196,8 +188,8 @@ def load_run(out_dir: Path, device: str = "cpu", chunk_size: int | None = None, 
     if missing:
         raise RunError(f"{out_dir}: the run is incomplete ({len(missing)} file(s) missing, first {missing[0]}); "
                        f"fit it again with `{_fit_command(out_dir)}`")
-    if log is not None and meta.get("versions") != package_versions():
-        log.warning("%s was fitted with %s; this process has %s", out_dir, meta.get("versions"), package_versions())
+    if log is not None and (changes := version_differences(meta.get("versions") or {})):
+        log.warning("%s was fitted with other package versions: %s", out_dir, describe_changes(changes))
     cfg = from_dict(HeadsConfig, meta["config"])
     rows = pd.read_parquet(out_dir / "train_rows.parquet")
     saved = joblib.load(out_dir / "text.joblib")

@@ -46,7 +46,7 @@ def test_a_fresh_process_prices_the_test_rows_as_the_fit_did_without_the_train_t
     tabular_test = (cfg.embeddings_dir / "text_tabular" / "test" / "embeddings.npy").read_bytes()
     sidecar = json.loads((cfg.out_dir / "run.json").read_text())
     assert sidecar["complete"] and sidecar["heads"] == list(HEADS) and sidecar["folds"] == [0, 1, 2, 3, 4]
-    assert {"sklearn", "lightgbm"} <= set(sidecar["versions"])
+    assert {"scikit-learn", "lightgbm"} <= set(sidecar["versions"])
     assert "txt_nb_weighted_log_price" in sidecar["features"]["lgbm"][0] and len(sidecar["features"]["lgbm"]) == 5
     assert len(list((cfg.out_dir / "lgbm" / "lgbm_per_qty").glob("fold_*.txt"))) == 5
 
