@@ -21,7 +21,6 @@ import time
 from datetime import date
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from bench import split_options
@@ -48,14 +47,13 @@ def make_raw(train_csv: Path, raw_dir: Path, test_rows: int, seed: int = 0) -> P
 def expert_load_text(meta: dict) -> str:
     """A model's expert load (share of its scored rows whose top gate is each expert, pooled over folds) with
     the smallest share any expert got in any one fold: "0.44/0.36/0.20 (min 0.09)"; "" without experts."""
+    from pipeline import expert_load_text as pooled_text
+
     load = meta.get("expert_load")
     if not load:
         return ""
-    pooled = np.array(list(load.values()) if isinstance(load, dict) else load, dtype=np.float64)
-    pooled = pooled.reshape(-1, pooled.shape[-1]).mean(0)
     per_fold = meta.get("expert_load_per_fold") or (load if isinstance(load, dict) else {"all": load})
-    smallest = min(min(v) for v in per_fold.values())
-    return "/".join(f"{v:.2f}" for v in pooled) + f" (min {smallest:.2f})"
+    return pooled_text(load) + f" (min {min(min(v) for v in per_fold.values()):.2f})"
 
 
 def main(argv: list[str] | None = None) -> pd.DataFrame:
