@@ -47,7 +47,7 @@ from core.metrics import prices_from_log
 from core.open_clip_models import image_size_of, load_open_clip
 from core.predictions import write_predictions
 from core.runtime import progress, setup_logging
-from core.tables import load_table
+from core.tables import encoder_selection, load_table
 
 HEAD_MODEL = "clip_head"  # name under predictions_dir
 
@@ -95,9 +95,7 @@ def write_head_predictions(cfg: ClipConfig, run_dir: Path, encoders: dict, test:
         oof.append(scored.assign(fold=fold)[["sample_id", "log_pred", "fold"]])
     folds = list(ckpts)
     every_fold = cfg.encoder_folds == "all"
-    selection = ckpts[folds[0]]["selection"]
-    if every_fold:
-        selection = "one encoder per fold, each chose its best epoch on a slice of its own training folds"
+    selection = encoder_selection(cfg.selection_fraction, per_fold=True) if every_fold else ckpts[folds[0]]["selection"]
     meta = {"oof_kind": "out_of_fold" if every_fold else "holdout", "selection": selection, "folds": folds,
             "encoder_unseen_folds": folds, "rows_without_image": "the training median price", "source": cfg.source_name}
     if every_fold:

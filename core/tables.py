@@ -60,6 +60,9 @@ def encoder_rows(table: pd.DataFrame, holdout: int, selection_fraction: float = 
     return outside & ~select, select
 
 
-def encoder_selection(fraction: float) -> str:
-    """How an encoder split by `encoder_rows` chose its checkpoint, as the predictions' meta says it."""
+def encoder_selection(fraction: float, per_fold: bool = False) -> str:
+    """How an encoder split by `encoder_rows` chose its checkpoint, as the predictions' meta says it;
+    `per_fold`: one encoder per fold (`encoder_folds=all`)."""
+    if per_fold:
+        return f"one encoder per fold, each chose its best epoch on a {fraction:.0%} slice of its own training folds"
     return f"best epoch on a {fraction:.0%} slice of the training folds; the holdout fold is unseen"

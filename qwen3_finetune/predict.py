@@ -72,9 +72,7 @@ def main(cfg: QwenConfig) -> Path | None:
     truth = train.set_index("sample_id").loc[oof["sample_id"], "price"]
     oof_smape = smape(truth, prices_from_log(oof["log_pred"], floor))
     every_fold = cfg.encoder_folds == "all"
-    selection = encoder_selection(cfg.selection_fraction)
-    if every_fold:
-        selection = "one encoder per fold, each chose its best epoch on a slice of its own training folds"
+    selection = encoder_selection(cfg.selection_fraction, per_fold=every_fold)
     write_predictions(cfg.predictions_dir, MODEL_NAME, oof=oof,
                       test=pd.DataFrame({"sample_id": test["sample_id"], "log_pred": test_log}),
                       meta={"oof_kind": "out_of_fold" if every_fold else "holdout", "holdout_smape": oof_smape,
