@@ -7,6 +7,7 @@
     python -m pipeline device=cpu qwen.epochs=1        # `key=value` goes to every stage that has the key,
                                                        # `stage.key=value` to that stage only
     python -m pipeline profile=tiny root=/tmp/demo     # every output under one folder
+    python -m pipeline root=R score=NEW.csv out=PRICES.csv  # price new rows with trained root R (score.py)
 
 Stages, in order: synthetic (demo only), prepare, tiny_models (demo only), siglip, clip_train,
 clip_extract, qwen_train, qwen_extract, qwen_predict, heads, fusion_qwen_clip, fusion_all, evaluate,
@@ -37,7 +38,7 @@ import pandas as pd
 from core.config import ConfigError, field_types, parse_args, to_dict
 from core.errors import run_cli
 from core.fingerprints import (STATE_FILE, StagePrint, describe_changes, file_digest, installed_versions, portable,
-                               stage_print, version_differences)
+                               portable_overrides, stage_print, version_differences)
 from core.io import read_json, write_json
 from core.metrics import format_table, prices_from_log, smape
 
@@ -202,6 +203,16 @@ def skip_siglip(cfg) -> None:
     print("[pipeline] siglip: profile=small runs no SigLIP model; its sources step aside")
 
 
+def heads_caches(cfgs: dict) -> tuple:
+    """The caches the heads stage writes: the tabular source and one target-encoding source per fold."""
+    from core.embedding_cache import fold_source
+
+    heads = cfgs["heads"]
+    encodings = heads.target_encoding_source
+    return (*([heads.tabular_source] if heads.tabular_source else []),
+            *(fold_source(encodings, k) for k in range(cfgs["prepare"].n_folds) if encodings))
+
+
 def build_stages(cfgs: dict, root: Path, profile: str) -> list[Stage]:
     from clip_finetune import extract_embeddings as clip_extract, train as clip_train
     from data import tiny_models
@@ -243,7 +254,7 @@ def build_stages(cfgs: dict, root: Path, profile: str) -> list[Stage]:
               ignores=qwen_reads),
         Stage("qwen_predict", "qwen", qwen_source, qwen_predict.main, ignores=qwen_reads),
         Stage("heads", "heads", ("prepare", "siglip", "clip_extract", "qwen_extract"), heads_train.main,
-              caches=(cfgs["heads"].tabular_source,) if cfgs["heads"].tabular_source else ()),
+              caches=heads_caches(cfgs)),
         Stage("fusion_qwen_clip", "qwen_clip", ("clip_extract", "qwen_extract", "heads"), train_fusion, trainer=True,
               ignores=frozenset(EXTRACTION_ONLY["qwen_clip"]), train_only=True),
         Stage("fusion_all", "all_embeddings", ("siglip", "clip_extract", "qwen_extract", "heads"), train_fusion,
@@ -323,6 +334,10 @@ def report(cfgs: dict, root: Path) -> pd.DataFrame:
 
 def main(argv: list[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a.startswith("score=") for a in argv):  # pricing new rows with a trained root: score.py
+        import score
+
+        return score.main(argv)
     profile = next((a.split("=", 1)[1] for a in argv if a.startswith("profile=")), "default")
     wanted = next((a.split("=", 1)[1].split(",") for a in argv if a.startswith("stages=")), None)
     root_arg = next((Path(a.split("=", 1)[1]) for a in argv if a.startswith("root=")), None)
@@ -369,6 +384,8 @@ def main(argv: list[str] | None = None) -> dict:
         state[stage.name] = {"fingerprint": key, "complete": False}
         if stage.train_only:  # what a scoring run on this root compares its packages against
             state["trained_with"] = {"profile": profile, "versions": installed_versions()}
+        # what scoring new rows with this root rebuilds the stages' configs from
+        state["run_with"] = {"profile": profile, "overrides": portable_overrides(overrides, root)}
         write_json(state_path, state)
         stage.run(cfg)
         timings[stage.name] = round(time.time() - t0, 1)

@@ -147,11 +147,14 @@ def encode_rows(visual, table: pd.DataFrame, rows: np.ndarray, transform, size: 
     return np.concatenate([v for v, _ in batches]), np.concatenate([p for _, p in batches])
 
 
-def main(cfg: ClipConfig) -> dict:
+def main(cfg: ClipConfig, run_outputs: bool = True) -> dict:
+    """{split: cache folder}, and with a fine-tuned head and the test split, "head_test_log": the head's
+    log1p prediction per test row. run_outputs=false writes nothing but the cache: no log in the run
+    folder, no head predictions (scoring new rows reads a trained run and never writes into it)."""
     check_encoder_folds(cfg)  # a bad value is refused before anything is written
     dist, device, dtype = init_device(cfg.device, cfg.precision)
     run_dir = Path(cfg.out_dir) / cfg.run_name
-    log = setup_logging("clip_extract", run_dir if dist.is_main else None)
+    log = setup_logging("clip_extract", run_dir if dist.is_main and run_outputs else None)
     per_fold = cfg.use_finetuned and cfg.encoder_folds == "all"
     cache_config = {"model": cfg.model, "pretrained": cfg.pretrained, "use_finetuned": cfg.use_finetuned,
                     "wise_alpha": cfg.wise_alpha, "precision": cfg.precision,
@@ -229,8 +232,9 @@ def main(cfg: ClipConfig) -> dict:
             written[split] = writer.finalize()
             log.info("%s: encoded %d images now; cache %s", split, n, written[split])
         if split == "test" and with_head and dist.is_main:
-            write_head_predictions(cfg, run_dir, encoders, table, head_test_log(cfg, encoders, table, test_logs, transform,
-                                                                                size, device, dtype), log)
+            written["head_test_log"] = head_test_log(cfg, encoders, table, test_logs, transform, size, device, dtype)
+            if run_outputs:
+                write_head_predictions(cfg, run_dir, encoders, table, written["head_test_log"], log)
     barrier(dist)
     cleanup(dist)
     return written

@@ -10,6 +10,7 @@ class DistInfo:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    owns_group: bool = False  # this call created the process group: its cleanup ends it
 
     @property
     def is_main(self) -> bool:
@@ -29,11 +30,12 @@ def init_distributed(device_preference: str = "auto") -> DistInfo:
     if world <= 1:
         return DistInfo()
     info = DistInfo(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
-    if not dist.is_initialized():
+    if not dist.is_initialized():  # else a caller (scoring, which runs several extractors) owns it
         use_nccl = torch.cuda.is_available() and device_preference != "cpu"
         if use_nccl:
             torch.cuda.set_device(info.local_rank)
         dist.init_process_group("nccl" if use_nccl else "gloo")
+        info.owns_group = True
     return info
 
 
@@ -45,7 +47,7 @@ def barrier(info: DistInfo) -> None:
 
 
 def cleanup(info: DistInfo) -> None:
-    if info.enabled:
+    if info.enabled and info.owns_group:
         import torch.distributed as dist
 
         if dist.is_initialized():

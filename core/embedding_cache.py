@@ -206,6 +206,12 @@ def load_embeddings(root: Path, source: str, split: str, sample_ids=None, expect
 SKIPPED_FILE = "skipped.json"
 
 
+def fold_source(source: str, fold: int) -> str:
+    """The cache of a source written once per fold model (e.g. out-of-fold target encodings): the
+    model scored on `fold` reads this one."""
+    return f"{source}_fold{fold}"
+
+
 def mark_source_skipped(root: Path, source: str, reason: str, config: dict | None = None) -> Path:
     """Record that a stage wrote no cache for `source` (e.g. no row has a usable image), so later
     stages leave the source out with a log line instead of failing or inventing vectors."""

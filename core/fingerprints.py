@@ -58,6 +58,36 @@ def portable(value, root: Path):
     return value
 
 
+def portable_overrides(tokens: list[str], root: Path) -> list[str]:
+    """`key=value` command-line tokens with each value written by `portable`."""
+    out = []
+    for token in tokens:
+        key, sep, value = token.partition("=")
+        out.append(f"{key}{sep}{portable(value, root)}" if sep else token)
+    return out
+
+
+def rooted_overrides(tokens: list[str], root: Path) -> list[str]:
+    """The inverse of `portable_overrides`: "<root>/x" values point under `root` again."""
+    out = []
+    for token in tokens:
+        key, sep, value = token.partition("=")
+        if value == "<root>/." or value.startswith("<root>/"):
+            value = str(Path(root) / value.removeprefix("<root>/"))
+        out.append(f"{key}{sep}{value}")
+    return out
+
+
+def run_settings(root: Path) -> dict | None:
+    """{"profile", "overrides"} the last pipeline run under `root` ran its stages with (overrides
+    pointing under `root` again), or None when none is recorded."""
+    path = Path(root) / STATE_FILE
+    recorded = read_json(path).get("run_with") if path.exists() else None
+    if recorded is None:
+        return None
+    return {"profile": recorded["profile"], "overrides": rooted_overrides(recorded["overrides"], root)}
+
+
 @dataclass(frozen=True)
 class StagePrint:
     train: str  # settings + train content + upstream train-side prints

@@ -47,12 +47,16 @@ def _read_test_ids(test_csv: Path) -> list[str]:
             _not_utf8(test_csv, [(1, header or [])], None)
             raise SubmissionError(f"{test_csv}: no sample_id column (header: {header})")
         id_column = header.index("sample_id")
-        rows, start = [], reader.line_num + 1
+        # streamed: only the ids (and any row that is not UTF-8) are kept, never the catalog text
+        ids, not_utf8, start = [], [], reader.line_num + 1
         for row in reader:
-            rows.append((start, row))
+            if undecodable_bytes("".join(row)):
+                not_utf8.append((start, row))
+            if len(row) > id_column:
+                ids.append(row[id_column].strip())
             start = reader.line_num + 1
-    _not_utf8(test_csv, rows, id_column)
-    return [row[id_column].strip() for _, row in rows if len(row) > id_column]
+    _not_utf8(test_csv, not_utf8, id_column)
+    return ids
 
 
 @dataclass
@@ -85,42 +89,58 @@ def review_submission(pred_csv: Path, test_csv: Path | None = None, test_ids=Non
         text = text[len(BOM):]
         review.warnings.append(f"{pred_csv}: starts with a UTF-8 byte-order mark (as Excel writes); "
                                "graders read past it, but the exact format has none")
-    rows = list(enumerate(csv.reader(io.StringIO(text, newline="")), start=1))
-    _not_utf8(pred_csv, rows, 0)
-    if len(rows) > 1 and rows[-1][1] == [] and (len(rows) < 3 or rows[-2][1] != []):
-        rows.pop()
-        review.warnings.append(f"{pred_csv}: one blank line at the end; graders skip it, but the exact format has none")
-    header = rows[0][1] if rows else None
+    # the rows are streamed (a catalogue's output has millions): only ids, prices and problems are kept
+    reader = enumerate(csv.reader(io.StringIO(text, newline="")), start=1)
+    _, header = next(reader, (1, None))
     if header is None or [h.strip() for h in header] != HEADER:
+        _not_utf8(pred_csv, [(1, header or []), *((n, r) for n, r in reader if undecodable_bytes("".join(r)))], 0)
         problems.append(f"{pred_csv}: header must be exactly 'sample_id,price', got {','.join(header) if header else 'an empty file'!r}")
         return review
     seen: dict[str, int] = {}
-    repeated, unknown, bad_price = [], [], []
-    for line_no, row in rows[1:]:
+    repeated, unknown, bad_price, not_utf8, blanks = [], [], [], [], []
+
+    def check_row(line_no: int, row: list[str]) -> None:
         if len(row) != 2:
             bad_price.append(f"line {line_no}: expected 2 fields, got {len(row)}")
-            continue
-        sid, text = row[0].strip(), row[1].strip()
+            return
+        sid, value = row[0].strip(), row[1].strip()
         if sid in seen:
             repeated.append(f"sample_id {sid} on lines {seen[sid]} and {line_no}")
-            continue
+            return
         seen[sid] = line_no
         if sid not in expected_set:
             unknown.append(f"sample_id {sid} (line {line_no})")
-        if text == "":
+        if value == "":
             bad_price.append(f"line {line_no} (sample_id {sid}): price is missing")
-            continue
+            return
         try:
-            price = float(text)
+            price = float(value)
         except ValueError:
-            bad_price.append(f"line {line_no} (sample_id {sid}): price {text!r} is not a number")
-            continue
+            bad_price.append(f"line {line_no} (sample_id {sid}): price {value!r} is not a number")
+            return
         if not math.isfinite(price):
-            bad_price.append(f"line {line_no} (sample_id {sid}): price {text} is not finite")
+            bad_price.append(f"line {line_no} (sample_id {sid}): price {value} is not finite")
         elif price <= 0:
-            bad_price.append(f"line {line_no} (sample_id {sid}): price {text} is not positive")
+            bad_price.append(f"line {line_no} (sample_id {sid}): price {value} is not positive")
         else:
             review.prices.append(price)
+
+    for line_no, row in reader:
+        if undecodable_bytes("".join(row)):
+            not_utf8.append((line_no, row))
+        if row == []:  # a blank line is judged once we know whether it ends the file
+            blanks.append(line_no)
+            continue
+        for blank in blanks:
+            check_row(blank, [])
+        blanks = []
+        check_row(line_no, row)
+    _not_utf8(pred_csv, [(1, header), *not_utf8], 0)
+    if len(blanks) == 1:
+        review.warnings.append(f"{pred_csv}: one blank line at the end; graders skip it, but the exact format has none")
+    else:
+        for blank in blanks:
+            check_row(blank, [])
     missing = [f"sample_id {sid}" for sid in expected if sid not in seen]
     add("test ids missing", missing)
     add("ids repeated", repeated)

@@ -35,15 +35,14 @@ class DataValidationError(PipelineError, ValueError):
     pass
 
 
-def read_competition_csv(path: Path, with_price: bool, max_listed: int = 20) -> pd.DataFrame:
-    """Read a competition CSV; any bad row raises one error listing each problem by line, id and column."""
+def competition_records(path: Path, with_price: bool, problems: list[str], warn_price: bool = True):
+    """Yield every valid row of a competition CSV as a record, streaming; each bad row appends to
+    `problems` one line naming its line, id and column. A bad header raises at once."""
     path = Path(path)
     if not path.exists():
         raise DataValidationError(f"{path}: file not found")
     csv.field_size_limit(1 << 30)
     needed = REQUIRED + (["price"] if with_price else [])
-    problems: list[str] = []
-    records = []
     first_line: dict[str, int] = {}
     # utf-8-sig reads past the byte-order mark Excel writes. Undecodable bytes are kept as markers
     # so that the error can name their row and column.
@@ -57,7 +56,7 @@ def read_competition_csv(path: Path, with_price: bool, max_listed: int = 20) -> 
         missing = [c for c in needed if c not in header]
         if missing:
             raise DataValidationError(f"{path}: missing column(s) {missing}; the header has {header}")
-        if not with_price and "price" in header:
+        if not with_price and "price" in header and warn_price:
             logging.getLogger("data.prepare").warning(
                 "%s has a 'price' column; it is dropped. Test data carries no prices: train.csv and test.csv "
                 "may be swapped, or labels lie beside the test data", path.name)
@@ -94,14 +93,38 @@ def read_competition_csv(path: Path, with_price: bool, max_listed: int = 20) -> 
                     problems.append(f"{where}, column 'price': expected a positive number, got {text!r}")
                     continue
                 record["price"] = price
-            records.append(record)
+            yield record
+
+
+def raise_problems(path: Path, problems: list[str], rows: int, max_listed: int = 20) -> None:
+    """One error listing the bad rows (the first `max_listed`), or one for a file without rows."""
     if problems:
         more = f"\n  ... and {len(problems) - max_listed} more" if len(problems) > max_listed else ""
         hint = f"\n  {NOT_UTF8_HINT}" if any("expected UTF-8" in p for p in problems) else ""
         raise DataValidationError(f"{path}: {len(problems)} bad row(s):\n  " + "\n  ".join(problems[:max_listed]) + more + hint)
-    if not records:
+    if not rows:
         raise DataValidationError(f"{path}: no rows")
+
+
+def read_competition_csv(path: Path, with_price: bool, max_listed: int = 20) -> pd.DataFrame:
+    """Read a competition CSV; any bad row raises one error listing each problem by line, id and column."""
+    problems: list[str] = []
+    records = list(competition_records(path, with_price, problems))
+    raise_problems(path, problems, len(records), max_listed)
     return pd.DataFrame.from_records(records)
+
+
+def competition_chunks(path: Path, with_price: bool, chunk_rows: int):
+    """The valid rows of a CSV as DataFrames of `chunk_rows` rows; validate the file first (its bad
+    rows are skipped here, not reported)."""
+    batch = []
+    for record in competition_records(path, with_price, [], warn_price=False):
+        batch.append(record)
+        if len(batch) == chunk_rows:
+            yield pd.DataFrame.from_records(batch)
+            batch = []
+    if batch:
+        yield pd.DataFrame.from_records(batch)
 
 
 def parse_rows(df: pd.DataFrame) -> pd.DataFrame:
@@ -125,6 +148,13 @@ def parse_rows(df: pd.DataFrame) -> pd.DataFrame:
             "unit_weight": weight,
         })
     return pd.concat([df.reset_index(drop=True), pd.DataFrame(rows)], axis=1)
+
+
+def attach_images(df: pd.DataFrame, results: dict) -> None:
+    """The image columns every later stage reads, from `fetch_images`' result per link."""
+    df["image_path"] = [results[link].path or "" for link in df["image_link"]]
+    df["image_status"] = [results[link].status for link in df["image_link"]]
+    df["has_image"] = df["image_path"] != ""
 
 
 def assign_folds(prices: np.ndarray, n_folds: int, n_bins: int, seed: int) -> np.ndarray:
@@ -204,9 +234,7 @@ def main(cfg: PrepareConfig) -> dict:
                                        workers=cfg.download_workers, timeout_s=cfg.timeout_s,
                                        retries=cfg.retries, retry_failed=cfg.retry_failed)
     for df in (train, test):
-        df["image_path"] = [results[link].path or "" for link in df["image_link"]]
-        df["image_status"] = [results[link].status for link in df["image_link"]]
-        df["has_image"] = df["image_path"] != ""
+        attach_images(df, results)
     log.info("images: %d downloaded now, %d usable, %d missing", downloaded,
              int(train["has_image"].sum() + test["has_image"].sum()),
              int((~train["has_image"]).sum() + (~test["has_image"]).sum()))

@@ -17,6 +17,9 @@ class FusionConfig:
     out_dir: Path = Path("checkpoints/fusion")
     predictions_dir: Path = Path("checkpoints/predictions")  # shared predictions (core.predictions): <dir>/<run_name>/
     sources: list[str] = field(default_factory=lambda: ["clip_image", "siglip_image", "siglip_text", "qwen_text"])
+    # sources written once per fold model as <name>_fold<k> (the heads' out-of-fold target encodings):
+    # the model scored on fold k reads its own, so no row's features carry that fold's prices
+    fold_sources: list[str] = field(default_factory=list)
     # model: modality and width of each source come from its cache, never from here
     architecture: str = "hierarchical"  # hierarchical (all_embeddings) | block (one block from fusion.blocks)
     block: str = "concat_mlp"  # used when architecture=block

@@ -39,6 +39,23 @@ def available_sources(cfg: FusionConfig, log: logging.Logger | None = None) -> l
     return kept
 
 
+def with_fold_sources(cfg: FusionConfig, inputs: "FusionInputs", split: str, fold: int, device,
+                      log: logging.Logger | None = None) -> "FusionInputs":
+    """`inputs` plus the caches of cfg.fold_sources written for the model scored on `fold`; one whose
+    stage wrote no cache for that fold is left out with a log line."""
+    from core.embedding_cache import cache_dir, fold_source
+
+    names = [fold_source(name, fold) for name in cfg.fold_sources]
+    present = [n for n in names if (cache_dir(cfg.embeddings_dir, n, split) / "meta.json").exists()]
+    for name in sorted(set(names) - set(present)):
+        (log or logging.getLogger("fusion")).info("fold source %s left out: no cache in %s", name, cfg.embeddings_dir)
+    if not present:
+        return inputs
+    extra = load_inputs(cfg, split, inputs.sample_ids, device, present)
+    return FusionInputs(inputs.sample_ids, inputs.specs + extra.specs, inputs.values + extra.values,
+                        inputs.present + extra.present)
+
+
 @dataclass
 class FusionInputs:
     """Every source for one split, aligned to `sample_ids`, as tensors on the device."""

@@ -39,7 +39,7 @@ from core.runtime import amp_dtype, autocast, pick_device, progress, seed_everyt
 from core.tables import encoder_rows, holdout_fold, load_table, n_folds
 from fusion.config import FusionConfig
 from fusion.inference import (EXPERT_LOAD_NOTE, FusionInputs, available_sources, expert_load, load_checkpoint,
-                              load_inputs, pooled_load, predict_log, predict_with_load)
+                              load_inputs, pooled_load, predict_log, predict_with_load, with_fold_sources)
 from fusion.models import build_model, count_parameters, specs_to_dicts
 
 MODELS = ("all_embeddings", "qwen_clip")
@@ -235,7 +235,8 @@ def main(cfg: FusionConfig) -> dict:
         log.warning("upstream encoders trained on rows of fold(s) %s, so their scores and out-of-fold predictions "
                     "are optimistic; only fold(s) %s are free of rows they saw", seen, unseen)
     t0 = time.time()
-    per_fold = [train_fold(cfg, k, table, inputs, run_dir, device, log) for k in folds]
+    per_fold = [train_fold(cfg, k, table, with_fold_sources(cfg, inputs, "train", k, device, log), run_dir, device, log)
+                for k in folds]
     scores = [m["val_smape"] for m in per_fold]
     summary = {"model": cfg.run_name, "folds": folds, "val_smape_per_fold": scores,
                "val_smape_mean": float(np.mean(scores)), "val_smape_std": float(np.std(scores)),

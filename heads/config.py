@@ -56,6 +56,9 @@ class HeadsConfig:
     # empty: none
     tabular_source: str = "text_tabular"
     tabular_svd_dims: int = 256
+    # per fold model k, a cache <name>_fold<k> of the target encodings (te_* means and counts) under the
+    # lgbm heads' fold rule, for fusion's `fold_sources`; empty: none (needs an lgbm head with encodings)
+    target_encoding_source: str = "text_target_encoding"
     # runtime
     chunk_size: int = 2048  # query rows per similarity block (memory: chunk_size x n_train floats)
     device: str = "auto"  # auto | cpu | cuda: where the neighbour search runs

@@ -5,7 +5,8 @@
 `python -m heads.train` fits every head once per fold and saves the run under `out_dir` (see
 `save_run`). This script loads that run, prices the processed test table of `data_dir` with the test
 caches of `embeddings_dir`, and writes each head's `predictions_dir/<head>/test.parquet` (the
-out-of-fold half that the fit wrote stays) and the test half of the tabular cache. It never reads
+out-of-fold half that the fit wrote stays) and the test half of the tabular cache and of each fold
+model's target-encoding cache. It never reads
 the train table: everything a prediction needs was saved with the run.
 
 Every quantity behind a row's price is a function of the fitted run and that row alone (its TF-IDF,
@@ -354,13 +355,51 @@ def predict_rows(run: HeadsRun, table: pd.DataFrame, vectors: dict | None = None
     return RowFeatures(run, table, vectors).predictions()
 
 
-def write_tabular_cache(embeddings_dir: Path, source: str, split: str, ids, values: np.ndarray, config: dict) -> None:
+def write_tabular_cache(embeddings_dir: Path, source: str, split: str, ids, values: np.ndarray, config: dict,
+                        model: str = "tfidf_svd+structure") -> None:
     writer = EmbeddingCacheWriter(embeddings_dir, source, split, ids, values.shape[1], "tabular",
-                                  model="tfidf_svd+structure", config=config, dtype="float32",
+                                  model=model, config=config, dtype="float32",
                                   chunk_size=max(len(ids), 1))
     for chunk, start, stop in writer.pending_chunks():
         writer.write_chunk(chunk, values[start:stop])
     writer.finalize()
+
+
+def encoding_values(columns: dict, fields, center: float) -> np.ndarray:
+    """A fold model's target-encoding columns as cache rows [n, 2 * fields]: each field's smoothed mean
+    log price less `center` (0 for a row without a key) and log1p of its count, divided by 5."""
+    parts = []
+    for name in fields:
+        parts.append(np.nan_to_num(np.asarray(columns[f"te_{name}"], np.float64) - center, nan=0.0))
+        parts.append(np.log1p(np.asarray(columns[f"te_{name}_count"], np.float64)) / 5.0)
+    return np.stack(parts, axis=1).astype(np.float32)
+
+
+def fold_encoding_rows(run: HeadsRun, table: pd.DataFrame, folds=None) -> list[np.ndarray]:
+    """Per fold model (the run's fold order), the target-encoding cache rows of `table`: new rows from
+    every fold but the scored one; with `folds` (train rows) each row also leaves its own fold out.
+    [] when the run has no encodings (no lgbm head, or no fields)."""
+    if "te" not in run.encodings:
+        return []
+    fields = list(run.encodings["te"])
+    keys = category_keys(table.reset_index(drop=True), fields)
+    columns = encoding_columns({"te": run.encodings["te"]}, keys, run.cfg.target_encoding_m, folds)
+    # each fold model's centre from the rows it may read: the scored fold's prices stay out
+    centers = [float(run.targets["log1p"][run.folds != f].mean()) for f in run.fold_ids]
+    return [encoding_values(c, fields, center) for c, center in zip(columns, centers)]
+
+
+def write_fold_encoding_caches(run: HeadsRun, embeddings_dir: Path, split: str, ids, per_fold: list) -> list[str]:
+    """One cache per fold model (core.embedding_cache.fold_source); returns the sources written."""
+    from core.embedding_cache import fold_source
+
+    written = []
+    for fold, values in zip(run.fold_ids, per_fold):
+        source = fold_source(run.cfg.target_encoding_source, fold)
+        write_tabular_cache(embeddings_dir, source, split, ids, values, to_dict(run.cfg),
+                            model="out-of-fold target encoding")
+        written.append(source)
+    return written
 
 
 def price_table(run: HeadsRun, table: pd.DataFrame, vectors: dict, rows_per_chunk: int = ROWS_PER_CHUNK):
@@ -405,6 +444,8 @@ def main(cfg: HeadsConfig, rows_per_chunk: int = ROWS_PER_CHUNK) -> dict[str, np
                           {**meta, "run_dir": str(cfg.out_dir)})
     if tabular is not None and run.cfg.tabular_source:
         write_tabular_cache(cfg.embeddings_dir, run.cfg.tabular_source, "test", ids, tabular, to_dict(run.cfg))
+    if run.cfg.target_encoding_source:
+        write_fold_encoding_caches(run, cfg.embeddings_dir, "test", ids, fold_encoding_rows(run, table))
     log.info("priced %d test rows with the run in %s: %s", len(ids), cfg.out_dir, ", ".join(run.heads))
     return predictions
 

@@ -37,8 +37,9 @@ from heads.config import HEADS, PROFILES, HeadsConfig
 from heads.features import (TfidfText, available_sources, fit_svd, lgbm_base_features, lgbm_fold_frame, project,
                             row_text, tabular_features)
 from heads.neighbours import neighbour_price_features, train_neighbours
-from heads.predict import (HeadsRun, RowFeatures, SourceFit, TabularFit, head_parts, load_row_vectors,
-                           quantity_offset, save_run, tabular_values, write_tabular_cache)
+from heads.predict import (HeadsRun, RowFeatures, SourceFit, TabularFit, fold_encoding_rows, head_parts,
+                           load_row_vectors, quantity_offset, save_run, tabular_values, write_fold_encoding_caches,
+                           write_tabular_cache)
 from heads.target_encoding import FIELDS as TARGET_ENCODING_FIELDS, category_keys, encoding_columns, fit_statistics
 
 SELECTION = "fixed hyperparameters from the config; no early stopping or model choice on the scored fold"
@@ -441,6 +442,11 @@ def main(cfg: HeadsConfig) -> dict:
         write_tabular_cache(cfg.embeddings_dir, cfg.tabular_source, "test", test_ids, values, to_dict(cfg))
         log.info("wrote the %s cache: %d columns (structure, text counts, %d-d TF-IDF SVD)", cfg.tabular_source,
                  values.shape[1], run.tabular.svd.n_components)
+    if cfg.target_encoding_source and (train_rows := fold_encoding_rows(run, inputs.train, inputs.folds)):
+        write_fold_encoding_caches(run, cfg.embeddings_dir, "train", inputs.train_ids, train_rows)
+        written = write_fold_encoding_caches(run, cfg.embeddings_dir, "test", test_ids, fold_encoding_rows(run, test))
+        log.info("wrote the target-encoding caches %s: %d columns each, under the lgbm heads' fold rule",
+                 ", ".join(written), train_rows[0].shape[1])
     log.info("priced %d test rows (%.0f s)", len(test_ids), time.time() - start)
     print(format_table(pd.DataFrame(rows)))
     return results

@@ -297,3 +297,26 @@ def test_trainer_adds_the_energy_penalty_to_the_loss(planted, tmp_path):
         inference.predict_log(model, inputs, torch.arange(200), 256, torch.device("cpu"), None)
         energies[weight] = float(model.block.last_energy)
     assert energies[5.0] < energies[0.0] - 0.1, energies  # the penalty moved the router to cheaper paths
+
+
+def test_a_fold_source_is_read_by_its_own_fold_model_only(planted, tmp_path):
+    """`fold_sources`: the model scored on fold k trains on <name>_fold<k> and prices new rows with its
+    test split; no fold model reads another fold's cache."""
+    from core.embedding_cache import EmbeddingCacheWriter
+
+    for k in range(5):
+        for split in ("train", "test"):
+            ids = load_table(planted / "data", split)["sample_id"].astype(str).tolist()
+            values = np.random.default_rng(10 * k + (split == "test")).normal(size=(len(ids), 4))
+            writer = EmbeddingCacheWriter(planted / "embeddings", f"te_fold{k}", split, ids, dim=4, modality="tabular",
+                                          model="planted", chunk_size=len(ids), dtype="float32")
+            writer.write_chunk(0, values)
+            writer.finalize()
+    cfg = train.parse_cli(["model=qwen_clip", *cli(planted, tmp_path, "folds=all", "epochs=2", "fold_sources=te")])
+    train.main(cfg)
+    for k in range(5):
+        ckpt = torch.load(tmp_path / "qwen_clip" / f"fold_{k}" / "best.pt", map_location="cpu", weights_only=False)
+        assert [s["name"] for s in ckpt["sources"]] == ["img", "txt", "noise", f"te_fold{k}"]
+    folds = inference.run_folds(tmp_path / "qwen_clip")
+    ids = load_table(planted / "data", "test")["sample_id"].tolist()
+    assert np.isfinite(predict_test.fold_mean_log(cfg, folds, ids, torch.device("cpu"))).all()

@@ -372,3 +372,26 @@ def test_every_head_has_a_per_quantity_twin_that_learns_price_per_quantity(tmp_p
         assert twin < 0.5 * direct, (head, twin, direct)
         assert results[f"{head}_per_qty"]["rows_with_quantity"] == 395
     assert set(train.HEADS) >= {f"{h}_per_qty" for h in ("ridge", "knn", "lgbm")}
+
+
+def test_each_fold_models_encoding_cache_holds_no_price_of_its_scored_fold(tmp_path):
+    """Fusion's per-fold target-encoding sources: new prices for fold 0's rows leave the fold-0 cache
+    (train and test rows) byte for byte the same, and change fold 1's (which may read them)."""
+    train_df, test_df = brand_tables(n_train=300)
+    options = dict(heads="lgbm", embedding_sources=[], tabular_source="", ridge_feature=False, lgbm_rounds=20)
+    run_heads(tmp_path / "a", train_df, test_df, **options)
+    repriced = train_df.copy()
+    fold0 = repriced["fold"].to_numpy() == 0
+    repriced.loc[fold0, "price"] = np.random.default_rng(1).uniform(1, 100, fold0.sum())
+    repriced["log_price"] = np.log1p(repriced["price"])
+    run_heads(tmp_path / "b", repriced, test_df, **options)
+
+    def cache(run, source, split):
+        return (tmp_path / run / "embeddings" / source / split / "embeddings.npy").read_bytes()
+
+    for split in ("train", "test"):
+        assert cache("a", "text_target_encoding_fold0", split) == cache("b", "text_target_encoding_fold0", split)
+        assert cache("a", "text_target_encoding_fold1", split) != cache("b", "text_target_encoding_fold1", split)
+    from core.embedding_cache import load_embeddings
+    cached = load_embeddings(tmp_path / "a" / "embeddings", "text_target_encoding_fold0", "train", train_df["sample_id"])
+    assert cached.dim == 2 * 4 and np.isfinite(cached.values).all()  # mean and count per field

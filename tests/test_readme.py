@@ -49,6 +49,9 @@ def parse_command(module: str, args: list[str]):
     if module == "data.check_submission":
         assert len(args) == 2
         return True
+    if module == "pipeline" and any(a.startswith("score=") for a in args):
+        import score
+        return score.parse_cli(args)
     if module == "pipeline":
         profile = next((a.split("=", 1)[1] for a in args if a.startswith("profile=")), "default")
         root = next((Path(a.split("=", 1)[1]) for a in args if a.startswith("root=")), None)
@@ -66,6 +69,11 @@ def parse_command(module: str, args: list[str]):
     if module == "bench.fusion_small":
         from bench import fusion_small
         return fusion_small.parse(args)
+    if module == "bench.score":
+        import score
+        from bench import score as bench_score, split_options
+        _, rest = split_options(args, bench_score.DEFAULTS)
+        return score.placement_overrides(rest) is not None
     if module.startswith("bench."):
         bench = importlib.import_module(module)
         cls = next(v for k, v in vars(bench).items() if k.endswith("Config") and isinstance(v, type))

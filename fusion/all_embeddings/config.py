@@ -27,6 +27,7 @@ PROFILES = {
     # cross-attention and the experts add parameters, not signal: it overfits within a few epochs
     # (best epochs mostly 2-14; concat-MLP's 10-29). So profile=small trains the concat-MLP block
     # here; architecture=hierarchical brings the seed's model back (its experts scaled to [2h, h]).
-    "small": small_profile(CONFIG, architecture="block", block="concat_mlp", expert_dims=[512, 256]),
-    "tiny": tiny_profile(CONFIG, expert_dims=[128, 64]),
+    "small": small_profile(CONFIG, architecture="block", block="concat_mlp", expert_dims=[512, 256],
+                           fold_sources=["text_target_encoding"]),
+    "tiny": tiny_profile(CONFIG, expert_dims=[128, 64], fold_sources=["text_target_encoding"]),
 }

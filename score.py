@@ -1,0 +1,347 @@
+"""Price new products with a trained pipeline root; nothing trains and nothing under the root changes.
+
+    python -m pipeline root=R score=NEW.csv out=PRICES.csv
+    python -m pipeline root=R score=NEW.csv out=PRICES.csv score_chunk_rows=10000 device=cpu
+    torchrun --nproc_per_node=4 -m pipeline root=R score=NEW.csv out=PRICES.csv   # encoding sharded
+
+NEW.csv is in the competition's test format (`sample_id, catalog_content, image_link`). The profile
+and settings come from R (pipeline_state.json records what its stages ran with); only placement
+keys (device, batch sizes, workers) may be given. The file is validated in one streaming pass with
+`data.prepare`'s checks, then priced `score_chunk_rows` rows at a time: each chunk is parsed like
+the training rows, its images fetched, encoded by every trained encoder (the same weights the run's
+test vectors came from), priced by every model and fold the ensemble blends, and blended with the
+stored weights, scale and calibration (ensemble.blend.price_rows). A row's price depends on the
+trained run and that row alone, so rows of R's own test file get R/test_out.csv's prices. Under
+torchrun each chunk's encoding is sharded across the ranks like the extractors' (chunk i of the
+cache by rank i % world_size); rank 0 parses, prices and writes.
+
+Scratch (parsed rows, vectors, finished chunks' prices, fetched images) lives in PRICES.csv.scoring/
+beside the output; a killed scoring resumes at the first unfinished chunk. PRICES.csv is written
+once, checked against NEW.csv, when every chunk is priced; the finished chunks and vectors are then
+removed (fetched images stay, for the next scoring of the same links).
+"""
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from core.config import ConfigError, field_types, to_dict
+from core.distributed import DistInfo, barrier, cleanup, init_distributed
+from core.embedding_cache import mark_source_skipped, skipped_reason
+from core.errors import PipelineError
+from core.fingerprints import STATE_FILE, describe_changes, file_digest, fingerprint, run_settings, version_changes
+from core.io import atomic_save, read_json, write_json
+from core.runtime import pick_device, setup_logging
+from core.submission import write_submission
+from core.tables import META_FILE
+
+SCORE_CHUNK_ROWS = 50_000
+NOT_NEEDED = {"synthetic", "evaluate", "report"}  # stages a trained root may lack and still price rows
+SCRATCH_SUFFIX = ".scoring"
+
+
+class ScoringError(PipelineError, ValueError):
+    pass
+
+
+def check_paths(root: Path, new_csv: Path, out: Path) -> None:
+    """Refuse an output (or its scratch beside it) inside the trained root, and a missing input file."""
+    if not new_csv.exists():
+        raise ScoringError(f"score={new_csv}: file not found")
+    base = root.resolve()
+    for path in (out, Path(str(out) + SCRATCH_SUFFIX)):
+        if path.resolve() == base or base in path.resolve().parents:
+            raise ScoringError(f"out={out} lies inside the trained root {root}; scoring never writes into a trained run: "
+                               "give an output outside it")
+
+
+def trained_settings(root: Path) -> tuple[str, list[str], dict]:
+    """(profile, overrides, pipeline state) the root's stages ran with; a clear error when `root` is
+    no trained root."""
+    state_path = root / STATE_FILE
+    if not state_path.exists():
+        raise ScoringError(f"{root} is not a trained pipeline root (no {STATE_FILE}); train one with "
+                           f"`python -m pipeline profile=small raw_dir=DIR root={root}`")
+    settings = run_settings(root)
+    if settings is None:
+        raise ScoringError(f"{state_path} does not say what the stages ran with; run `python -m pipeline profile=P "
+                           f"root={root}` with the training overrides once (up-to-date stages are skipped)")
+    return settings["profile"], settings["overrides"], read_json(state_path)
+
+
+def placement_overrides(tokens: list[str]) -> list[str]:
+    """Scoring takes its settings from the trained root: only placement keys may be given."""
+    from pipeline import PLACEMENT
+
+    bad = [t for t in tokens if t.partition("=")[0].split(".")[-1] not in PLACEMENT]
+    if bad:
+        raise ConfigError(f"{' '.join(bad)}: scoring reads every setting from the trained root; only placement keys "
+                          f"({', '.join(sorted(PLACEMENT))}) and score=, out=, score_chunk_rows= may be given")
+    return tokens
+
+
+def check_complete(state: dict, stages, root: Path, profile: str, overrides: list[str]) -> None:
+    command = " ".join(["python -m pipeline", f"profile={profile}", f"root={root}", *overrides])
+    for stage in stages:
+        if stage.name not in NOT_NEEDED and not state.get(stage.name, {}).get("complete"):
+            raise ScoringError(f"{root}: stage {stage.name!r} has not finished, so the root cannot price rows; "
+                               f"finish it with `{command}`")
+
+
+def scratch_configs(cfgs: dict, work: Path) -> dict:
+    """Each group's config reading and writing the chunk's own folders; what a stage loads from the
+    trained run (out_dir, models) stays the root's."""
+    folders = {"data_dir": work / "data", "embeddings_dir": work / "embeddings",
+               "predictions_dir": work / "predictions", "split": "test"}
+    out = {}
+    for group, cfg in cfgs.items():
+        fields = field_types(type(cfg))
+        out[group] = dataclasses.replace(cfg, **{k: v for k, v in folders.items() if k in fields})
+    return out
+
+
+class Scorer:
+    """A trained root, loaded once, that prices chunks of new rows."""
+
+    def __init__(self, root: Path, placement: list[str], log):
+        from pipeline import build_stages, stage_configs
+
+        self.root, self.log = root, log
+        self.profile, overrides, self.state = trained_settings(root)
+        self.cfgs = stage_configs(self.profile, overrides + placement, root)
+        check_complete(self.state, build_stages(self.cfgs, root, self.profile), root, self.profile, overrides)
+        if changes := version_changes(root):
+            log.warning("%s was trained with other package versions (%s); prices may differ from the run's own",
+                        root, describe_changes(changes))
+        ensemble = self.cfgs["ensemble"]
+        self.record = read_json(Path(ensemble.predictions_dir) / "ensemble" / "ensemble.json")["blend"]
+        self.needed = list(self.record["models"])
+        data_dir = Path(self.cfgs["prepare"].out_dir)
+        self.data_meta = read_json(data_dir / META_FILE)
+        self.train_ids = set(pd.read_parquet(data_dir / "train.parquet", columns=["sample_id"])["sample_id"].astype(str))
+        self.image_dir = Path(self.cfgs["prepare"].image_dir or data_dir / "images")
+        self._heads = self._fusion = None
+
+    def key(self) -> str:
+        """What a finished chunk's prices depend on besides its rows: every stage's print in the root."""
+        return fingerprint({name: v.get("fingerprint") for name, v in self.state.items() if isinstance(v, dict)},
+                           self.record)
+
+    @property
+    def heads(self):
+        from heads.predict import load_run
+
+        if self._heads is None:
+            cfg = self.cfgs["heads"]
+            self._heads = load_run(cfg.out_dir, str(pick_device(cfg.device)), cfg.chunk_size, self.log)
+        return self._heads
+
+    def fusion_folds(self, model: str):
+        from fusion.inference import run_folds
+
+        self._fusion = self._fusion or {}
+        if model not in self._fusion:
+            cfg = self.cfgs[model]
+            self._fusion[model] = run_folds(Path(cfg.out_dir) / cfg.run_name, pick_device(cfg.device))
+        return self._fusion[model]
+
+    def prepare_rows(self, rows: pd.DataFrame, base_dir: Path, images: Path, work: Path) -> pd.DataFrame:
+        """The chunk as the data stage writes a test table: parsed fields, image columns; written to
+        work/data beside the root's train table (the extractors read both)."""
+        from data.images import ImageResult, cache_path, fetch_images
+        from data.prepare import attach_images, parse_rows
+
+        prepare = self.cfgs["prepare"]
+        table = parse_rows(rows)
+        links = list(dict.fromkeys(table["image_link"].astype(str)))
+        # an image the training run already fetched is read from its cache, never fetched again
+        known = {link: ImageResult(str(cache_path(self.image_dir, link)), "cached") for link in links
+                 if link.lower().startswith(("http://", "https://")) and cache_path(self.image_dir, link).exists()}
+        results, _ = fetch_images([link for link in links if link not in known], images, base_dir,
+                                  download=prepare.download_images, workers=prepare.download_workers,
+                                  timeout_s=prepare.timeout_s, retries=prepare.retries, retry_failed=prepare.retry_failed)
+        attach_images(table, {**results, **known})
+        data = work / "data"
+        data.mkdir(parents=True, exist_ok=True)
+        train = data / "train.parquet"
+        if not train.exists():
+            try:
+                train.symlink_to((Path(self.cfgs["prepare"].out_dir) / "train.parquet").resolve())
+            except OSError:
+                shutil.copyfile(Path(self.cfgs["prepare"].out_dir) / "train.parquet", train)
+        atomic_save(lambda tmp: table.to_parquet(tmp, index=False), data / "test.parquet")
+        write_json(data / META_FILE, {**self.data_meta, "scored_rows": len(table)})
+        return table
+
+    def encode(self, cfgs: dict) -> dict:
+        """Write the chunk's vectors with every trained encoder; a source the run skipped is skipped
+        here too. Returns the CLIP head's log predictions when the run has one ({} otherwise)."""
+        from clip_finetune import extract_embeddings as clip_extract
+        from qwen3_finetune import extract_embeddings as qwen_extract
+        from siglip_extract import extract as siglip
+
+        trained_emb = Path(self.cfgs["qwen"].embeddings_dir)
+        out = {}
+
+        def copy_skip(source) -> bool:
+            reason = skipped_reason(trained_emb, source)
+            if reason is not None:
+                mark_source_skipped(cfgs["qwen"].embeddings_dir, source, reason)
+            return reason is not None
+
+        siglip_cfg = cfgs["siglip"]
+        if not all([copy_skip(siglip_cfg.image_source), copy_skip(siglip_cfg.text_source)]):
+            siglip.main(siglip_cfg)
+        if not copy_skip(cfgs["clip"].source_name):
+            written = clip_extract.main(cfgs["clip"], run_outputs=False)
+            if "head_test_log" in written:
+                out["clip_head"] = written["head_test_log"]
+        qwen_extract.main(cfgs["qwen"])
+        return out
+
+    def price_chunk(self, rows: pd.DataFrame, base_dir: Path, images: Path, work: Path,
+                    dist: DistInfo = DistInfo()) -> pd.DataFrame | None:
+        """(sample_id, price) for one chunk of validated rows. Under torchrun every rank encodes its
+        share of the chunk's rows and rank 0 prices them (the other ranks get None)."""
+        from ensemble.blend import price_rows
+        from fusion.predict_test import fold_mean_log as fusion_log
+        from heads.predict import (fold_encoding_rows, load_row_vectors, price_table, write_fold_encoding_caches,
+                                   write_tabular_cache)
+        from qwen3_finetune.predict import MODEL_NAME as TEXT_HEAD, fold_mean_log as text_log
+        from core.runtime import amp_dtype
+
+        cfgs = scratch_configs(self.cfgs, work)
+        if dist.is_main:
+            table = self.prepare_rows(rows, base_dir, images, work)
+            missing = int((~table["has_image"]).sum())
+            if missing:
+                reasons = table.loc[~table["has_image"], "image_status"].value_counts().head(3)
+                self.log.info("%d of %d rows have no usable image (masked, as in training): %s", missing, len(table),
+                              ", ".join(f"{k} {v}" for k, v in reasons.items()))
+        barrier(dist)  # the chunk's table is on disk for every rank's extractors
+        logs = self.encode(cfgs)
+        if not dist.is_main:
+            return None
+        ids = table["sample_id"].astype(str).to_numpy()
+        run = self.heads
+        embeddings = Path(cfgs["heads"].embeddings_dir)
+        heads, tabular = price_table(run, table, load_row_vectors(run, embeddings, "test", ids))
+        logs.update(heads)
+        if tabular is not None and run.cfg.tabular_source:
+            write_tabular_cache(embeddings, run.cfg.tabular_source, "test", ids, tabular, to_dict(run.cfg))
+        if run.cfg.target_encoding_source:
+            write_fold_encoding_caches(run, embeddings, "test", ids, fold_encoding_rows(run, table))
+        for model in ("qwen_clip", "all_embeddings"):
+            name = cfgs[model].run_name
+            if name in self.needed:
+                logs[name] = fusion_log(cfgs[model], self.fusion_folds(model), list(ids), pick_device(cfgs[model].device))
+        qwen = cfgs["qwen"]
+        if TEXT_HEAD in self.needed:
+            device = pick_device(qwen.device)
+            logs[TEXT_HEAD] = text_log(qwen, table, device, amp_dtype(device, qwen.precision))
+        return pd.DataFrame({"sample_id": ids, "price": price_rows(self.record, logs)})
+
+
+def score_file(root: Path, new_csv: Path, out: Path, chunk_rows: int = SCORE_CHUNK_ROWS,
+               placement: list[str] | None = None) -> Path:
+    """Price every row of `new_csv` with the trained root and write the checked `out`; see the module doc."""
+    from data.prepare import competition_chunks, competition_records, raise_problems
+
+    root, new_csv, out = Path(root), Path(new_csv), Path(out)
+    if chunk_rows < 1:
+        raise ConfigError(f"score_chunk_rows={chunk_rows}: must be at least 1")
+    check_paths(root, new_csv, out)
+    log = setup_logging("score")
+    setup_logging("data.prepare")  # its warnings go to the console, never to a log file under the root
+    t0 = time.time()
+    scorer = Scorer(root, placement or [], log)
+    dist = init_distributed(scorer.cfgs["qwen"].device)  # under torchrun the extractors share this group
+
+    # one streaming pass: every bad row named before any work, rows that trained the run counted
+    problems, n_rows, in_train = [], 0, 0
+    for record in competition_records(new_csv, False, problems):
+        n_rows += 1
+        in_train += record["sample_id"] in scorer.train_ids
+    raise_problems(new_csv, problems, n_rows)
+    if in_train and dist.is_main:
+        log.warning("%d of %d rows of %s are training rows of %s: their prices are in-sample (the models saw "
+                    "their prices), not estimates", in_train, n_rows, new_csv.name, root)
+
+    scratch = Path(str(out) + SCRATCH_SUFFIX)
+    chunks_dir, images = scratch / "chunks", scratch / "images"
+    manifest = {"new_csv": file_digest(new_csv), "root": scorer.key(), "chunk_rows": chunk_rows}
+    if dist.is_main:
+        if (scratch / "scoring.json").exists() and read_json(scratch / "scoring.json") != manifest:
+            log.info("%s belongs to another file, root or chunk size: starting over", scratch)
+            shutil.rmtree(chunks_dir, ignore_errors=True)
+            for work in scratch.glob("work_*"):
+                shutil.rmtree(work, ignore_errors=True)
+        chunks_dir.mkdir(parents=True, exist_ok=True)
+        write_json(scratch / "scoring.json", manifest)
+    barrier(dist)
+
+    n_chunks = -(-n_rows // chunk_rows)
+    parts = []
+    for k, rows in enumerate(competition_chunks(new_csv, False, chunk_rows)):
+        done = chunks_dir / f"chunk_{k:05d}.parquet"
+        parts.append(done)
+        if done.exists():
+            log.info("chunk %d/%d: priced in an earlier call", k + 1, n_chunks)
+            continue
+        t_chunk = time.time()
+        work = scratch / f"work_{k:05d}"
+        prices = scorer.price_chunk(rows.drop(columns="line"), new_csv.parent, images, work, dist)
+        if dist.is_main:
+            atomic_save(lambda tmp: prices.to_parquet(tmp, index=False), done)
+            shutil.rmtree(work, ignore_errors=True)
+            log.info("chunk %d/%d: %d rows in %.1f s", k + 1, n_chunks, len(rows), time.time() - t_chunk)
+        barrier(dist)  # every rank sees the chunk done before the next one starts
+    if not dist.is_main:
+        cleanup(dist)
+        return out
+
+    priced = pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True)
+    write_submission(out, priced["sample_id"], priced["price"].to_numpy(), test_csv=new_csv)
+    shutil.rmtree(chunks_dir, ignore_errors=True)
+    (scratch / "scoring.json").unlink(missing_ok=True)
+    if not any(p.name != "failed.json" for p in images.glob("*")):  # no fetched image worth keeping
+        shutil.rmtree(scratch, ignore_errors=True)
+    seconds = time.time() - t0
+    log.info("wrote %s: %d rows priced with %s (profile %s) in %.1f s (%.0f rows/s); prices %.2f to %.2f",
+             out, len(priced), root, scorer.profile, seconds, len(priced) / max(seconds, 1e-9),
+             priced["price"].min(), priced["price"].max())
+    cleanup(dist)
+    return out
+
+
+def parse_cli(argv: list[str]) -> dict:
+    """score_file's arguments from `root=R score=NEW.csv out=PRICES.csv [score_chunk_rows=N] [placement keys]`;
+    `profile` only if given (it must be the root's)."""
+    own = ("root", "score", "out", "score_chunk_rows", "profile")
+    options = dict(a.split("=", 1) for a in argv if a.split("=", 1)[0] in own)
+    missing = [k for k in ("root", "score", "out") if not options.get(k)]
+    if missing:
+        raise ConfigError(f"scoring needs {', '.join(f'{k}=' for k in missing)}: python -m pipeline root=R "
+                          "score=NEW.csv out=PRICES.csv")
+    try:
+        chunk_rows = int(options.get("score_chunk_rows", SCORE_CHUNK_ROWS))
+    except ValueError:
+        raise ConfigError(f"score_chunk_rows={options['score_chunk_rows']!r}: expected a whole number") from None
+    return {"root": Path(options["root"]), "new_csv": Path(options["score"]), "out": Path(options["out"]),
+            "chunk_rows": chunk_rows, "placement": placement_overrides([a for a in argv if a.split("=", 1)[0] not in own]),
+            "profile": options.get("profile")}
+
+
+def main(argv: list[str]) -> Path:
+    """`python -m pipeline root=R score=NEW.csv out=PRICES.csv ...` (pipeline.py routes here)."""
+    args = parse_cli(argv)
+    profile, root = args.pop("profile"), args["root"]
+    if profile and (recorded := run_settings(root)) and recorded["profile"] != profile:
+        raise ConfigError(f"profile={profile}: {root} was trained with profile={recorded['profile']}; scoring reads "
+                          "the profile from the root, leave it out")
+    return score_file(**args)
