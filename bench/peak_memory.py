@@ -45,14 +45,17 @@ def stage_names(profile: str, root: Path, overrides: list[str]) -> list[str]:
     return [stage.name for stage in pipeline.build_stages(cfgs, root, profile)]
 
 
-def device_description() -> str:
-    cpu = platform.processor() or platform.machine()
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo, else what platform knows."""
     try:
         with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
-        pass
-    text = f"CPU: {cpu}, {os.cpu_count()} cores"
+        return platform.processor() or platform.machine()
+
+
+def device_description() -> str:
+    text = f"CPU: {cpu_model()}, {os.cpu_count()} cores"
     try:
         with open("/proc/meminfo") as f:
             kib = int(next(line.split()[1] for line in f if line.startswith("MemTotal")))

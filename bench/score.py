@@ -38,7 +38,7 @@ import numpy as np
 import pandas as pd
 
 from bench import split_options
-from bench.peak_memory import device_description, run_measured
+from bench.peak_memory import cpu_model, device_description, run_measured
 
 DEFAULTS = {
     "small_root": "/tmp/real_small_root",  # a trained profile=small root; the real-rows row is skipped if missing
@@ -54,13 +54,7 @@ BLOCK_ROWS = 50_000  # rows per block when writing a generated file
 
 def short_device(rest: list[str]) -> str:
     """'cpu, 2 cores (AMD EPYC)', or the GPU's name when the children would use one."""
-    model = "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    text = f"cpu, {os.cpu_count()} cores ({model})"
+    text = f"cpu, {os.cpu_count()} cores ({cpu_model()})"
     import torch
 
     if torch.cuda.is_available() and "device=cpu" not in rest:
