@@ -109,7 +109,9 @@ def test_a_catalog_without_one_usable_image_completes(tmp_path, capsys):
     assert check_submission(root / "test_out.csv", root / "raw" / "test.csv") == []
     table = pd.read_csv(root / "report.csv").set_index("model")
     assert "clip_head" not in table.index and "all_embeddings" in table.index
-    assert read_json(root / "predictions" / "all_embeddings" / "meta.json")["sources"] == ["siglip_text", "qwen_text"]
+    # the text sources, and the heads' target encodings for the scored fold (fusion's fold source)
+    assert read_json(root / "predictions" / "all_embeddings" / "meta.json")["sources"] == [
+        "siglip_text", "qwen_text", "text_target_encoding_fold0"]
 
 
 
