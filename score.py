@@ -27,10 +27,9 @@ import shutil
 import time
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
-from core.config import ConfigError, field_types, to_dict
+from core.config import ConfigError, field_types
 from core.distributed import DistInfo, barrier, cleanup, init_distributed
 from core.embedding_cache import mark_source_skipped, skipped_reason
 from core.errors import PipelineError
@@ -210,8 +209,7 @@ class Scorer:
         share of the chunk's rows and rank 0 prices them (the other ranks get None)."""
         from ensemble.blend import price_rows
         from fusion.predict_test import fold_mean_log as fusion_log
-        from heads.predict import (fold_encoding_rows, load_row_vectors, price_table, write_fold_encoding_caches,
-                                   write_tabular_cache)
+        from heads.predict import load_row_vectors, price_table, write_test_caches
         from qwen3_finetune.predict import MODEL_NAME as TEXT_HEAD, fold_mean_log as text_log
         from core.runtime import amp_dtype
 
@@ -232,10 +230,7 @@ class Scorer:
         embeddings = Path(cfgs["heads"].embeddings_dir)
         heads, tabular = price_table(run, table, load_row_vectors(run, embeddings, "test", ids))
         logs.update(heads)
-        if tabular is not None and run.cfg.tabular_source:
-            write_tabular_cache(embeddings, run.cfg.tabular_source, "test", ids, tabular, to_dict(run.cfg))
-        if run.cfg.target_encoding_source:
-            write_fold_encoding_caches(run, embeddings, "test", ids, fold_encoding_rows(run, table))
+        write_test_caches(run, embeddings, table, tabular)
         for model in ("qwen_clip", "all_embeddings"):
             name = cfgs[model].run_name
             if name in self.needed:

@@ -402,6 +402,16 @@ def write_fold_encoding_caches(run: HeadsRun, embeddings_dir: Path, split: str, 
     return written
 
 
+def write_test_caches(run: HeadsRun, embeddings_dir: Path, table: pd.DataFrame, tabular: np.ndarray | None) -> None:
+    """The caches fusion reads for new rows: the tabular source (`price_table`'s rows) and each fold
+    model's target encodings. The fit, `heads.predict` and scoring all write them here."""
+    ids = table["sample_id"].astype(str).to_numpy()
+    if tabular is not None and run.cfg.tabular_source:
+        write_tabular_cache(embeddings_dir, run.cfg.tabular_source, "test", ids, tabular, to_dict(run.cfg))
+    if run.cfg.target_encoding_source:
+        write_fold_encoding_caches(run, embeddings_dir, "test", ids, fold_encoding_rows(run, table))
+
+
 def price_table(run: HeadsRun, table: pd.DataFrame, vectors: dict, rows_per_chunk: int = ROWS_PER_CHUNK):
     """({head: log1p(price) [n]}, tabular cache rows [n, D] or None), priced `rows_per_chunk` rows at a time."""
     predictions, tabular = {head: [] for head in run.heads}, []
@@ -442,10 +452,7 @@ def main(cfg: HeadsConfig, rows_per_chunk: int = ROWS_PER_CHUNK) -> dict[str, np
         meta = {k: v for k, v in old.meta.items() if k not in ("model", "n_oof", "n_test")}
         write_predictions(cfg.predictions_dir, head, old.oof, pd.DataFrame({"sample_id": ids, "log_pred": values}),
                           {**meta, "run_dir": str(cfg.out_dir)})
-    if tabular is not None and run.cfg.tabular_source:
-        write_tabular_cache(cfg.embeddings_dir, run.cfg.tabular_source, "test", ids, tabular, to_dict(run.cfg))
-    if run.cfg.target_encoding_source:
-        write_fold_encoding_caches(run, cfg.embeddings_dir, "test", ids, fold_encoding_rows(run, table))
+    write_test_caches(run, cfg.embeddings_dir, table, tabular)
     log.info("priced %d test rows with the run in %s: %s", len(ids), cfg.out_dir, ", ".join(run.heads))
     return predictions
 

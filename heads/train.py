@@ -39,7 +39,7 @@ from heads.features import (TfidfText, available_sources, fit_svd, lgbm_base_fea
 from heads.neighbours import neighbour_price_features, train_neighbours
 from heads.predict import (HeadsRun, RowFeatures, SourceFit, TabularFit, fold_encoding_rows, head_parts,
                            load_row_vectors, quantity_offset, save_run, tabular_values, write_fold_encoding_caches,
-                           write_tabular_cache)
+                           write_tabular_cache, write_test_caches)
 from heads.target_encoding import FIELDS as TARGET_ENCODING_FIELDS, category_keys, encoding_columns, fit_statistics
 
 SELECTION = "fixed hyperparameters from the config; no early stopping or model choice on the scored fold"
@@ -437,14 +437,9 @@ def main(cfg: HeadsConfig) -> dict:
                           pd.DataFrame({"sample_id": inputs.train_ids, "log_pred": oofs[head], "fold": inputs.folds}),
                           pd.DataFrame({"sample_id": test_ids, "log_pred": priced.head(head).mean(axis=0)}),
                           results[head])
-    if cfg.tabular_source:
-        values = priced.tabular()
-        write_tabular_cache(cfg.embeddings_dir, cfg.tabular_source, "test", test_ids, values, to_dict(cfg))
-        log.info("wrote the %s cache: %d columns (structure, text counts, %d-d TF-IDF SVD)", cfg.tabular_source,
-                 values.shape[1], run.tabular.svd.n_components)
+    write_test_caches(run, cfg.embeddings_dir, test, priced.tabular() if cfg.tabular_source else None)
     if cfg.target_encoding_source and (train_rows := fold_encoding_rows(run, inputs.train, inputs.folds)):
-        write_fold_encoding_caches(run, cfg.embeddings_dir, "train", inputs.train_ids, train_rows)
-        written = write_fold_encoding_caches(run, cfg.embeddings_dir, "test", test_ids, fold_encoding_rows(run, test))
+        written = write_fold_encoding_caches(run, cfg.embeddings_dir, "train", inputs.train_ids, train_rows)
         log.info("wrote the target-encoding caches %s: %d columns each, under the lgbm heads' fold rule",
                  ", ".join(written), train_rows[0].shape[1])
     log.info("priced %d test rows (%.0f s)", len(test_ids), time.time() - start)
