@@ -107,6 +107,11 @@ def row_text(table: pd.DataFrame) -> pd.Series:
     return table["text"].fillna("").astype(str)
 
 
+def name_text(table: pd.DataFrame) -> pd.Series:
+    """The item name alone, '' where a row has none: the name ridge's TF-IDF reads it."""
+    return table["item_name"].fillna("").astype(str)
+
+
 def tfidf_matrices(train_text, test_text, cfg) -> tuple[sp.csr_matrix, sp.csr_matrix]:
     """(train, test) TF-IDF matrices of a TfidfText fitted on the train text."""
     text = TfidfText(cfg)
@@ -182,18 +187,19 @@ def lgbm_base_features(table: pd.DataFrame, units: list[str], tfidf_rows, tfidf_
     return pd.concat(parts, axis=1)
 
 
-def lgbm_fold_frame(base: pd.DataFrame, neighbours: dict, targets: dict, k: int, eps: float, ridge=None,
-                    encodings: dict | None = None) -> pd.DataFrame:
+def lgbm_fold_frame(base: pd.DataFrame, neighbours: dict, targets: dict, k: int, eps: float,
+                    ridge: dict | None = None, encodings: dict | None = None) -> pd.DataFrame:
     """One fold model's LightGBM inputs: the shared columns, the price summaries of the rows' neighbours
     in each space (`neighbours`: {space: (indices, similarities)}, every neighbour allowed by the fold
-    rule) of each target (`targets`: {tag: train values}), the ridge column and the target encodings."""
+    rule) of each target (`targets`: {tag: train values}), the ridge columns ({column: values}) and the
+    target encodings."""
     columns = {}
     for space, (indices, similarities) in neighbours.items():
         for tag, values in targets.items():
             for name, values_of in neighbour_price_features(indices[:, :k], similarities[:, :k], values, eps).items():
                 columns[f"{space}_{tag}_{name}"] = values_of
-    if ridge is not None:
-        columns["ridge_log_price"] = ridge
+    if ridge:
+        columns.update(ridge)
     if encodings:
         columns.update(encodings)
     return pd.concat([base, pd.DataFrame(columns)], axis=1)

@@ -34,7 +34,8 @@ from core.predictions import PredictionsError, read_predictions, write_predictio
 from core.runtime import pick_device, setup_logging
 from core.tables import load_table
 from heads.config import PROFILES, HeadsConfig
-from heads.features import TfidfText, lgbm_base_features, lgbm_fold_frame, project, row_text, tabular_features
+from heads.features import (TfidfText, lgbm_base_features, lgbm_fold_frame, name_text, project, row_text,
+                            tabular_features)
 from heads.neighbours import neighbour_price_features, row_neighbours
 from heads.target_encoding import category_keys, encoding_columns
 
@@ -96,7 +97,8 @@ class HeadsRun:
     units: list[str]
     sources: dict  # {name: SourceFit}, in the fit's order
     search_k: dict  # {space: neighbours searched}; the same k as in the fit, so ties fall the same way
-    ridge: dict = field(default_factory=dict)  # {target tag: [fold model]}
+    ridge: dict = field(default_factory=dict)  # {target tag | "name": [fold model]}
+    name_text: TfidfText | None = None  # the item names' TF-IDF the name ridge reads; None without it
     knn_fallback: dict = field(default_factory=dict)  # {target tag: [fold value]} for rows without neighbours
     lgbm: dict = field(default_factory=dict)  # {head: [fold booster]}
     features: dict = field(default_factory=dict)  # {head: [fold columns]}
@@ -134,7 +136,7 @@ def save_run(run: HeadsRun, out_dir: Path) -> Path:
         pd.DataFrame({"sample_id": run.train_ids, "text": run.train_text, "fold": run.folds,
                       **{f"target_{tag}": values for tag, values in run.targets.items()}}).to_parquet(
             tmp / "train_rows.parquet", index=False)
-        joblib.dump({"text": run.text, "tfidf_svd": run.tfidf_svd, "units": run.units,
+        joblib.dump({"text": run.text, "name_text": run.name_text, "tfidf_svd": run.tfidf_svd, "units": run.units,
                      "source_svds": {name: s.svd for name, s in run.sources.items()}, "tabular": run.tabular},
                     tmp / "text.joblib")
         (tmp / "sources").mkdir()
@@ -207,7 +209,7 @@ def load_run(out_dir: Path, device: str = "cpu", chunk_size: int | None = None, 
         targets={tag: rows[f"target_{tag}"].to_numpy(dtype=np.float64) for tag in TARGETS},
         text=saved["text"], train_tfidf=saved["text"].train_matrix(train_text), tfidf_svd=saved["tfidf_svd"],
         units=list(saved["units"]), sources=sources, search_k={k: int(v) for k, v in meta["search_k"].items()},
-        ridge=joblib.load(out_dir / "ridge.joblib"), knn_fallback=meta["knn_fallback"], lgbm=lgbm,
+        ridge=joblib.load(out_dir / "ridge.joblib"), name_text=saved.get("name_text"), knn_fallback=meta["knn_fallback"], lgbm=lgbm,
         features=meta["features"], encodings=joblib.load(out_dir / "target_encoding.joblib"),
         tabular=saved["tabular"], device=device, chunk_size=chunk_size or cfg.chunk_size)
 
@@ -282,7 +284,21 @@ class RowFeatures:
         return self._once(("neighbours", space), search)
 
     def ridge(self, tag: str) -> list[np.ndarray]:
-        return self._once(("ridge", tag), lambda: [m.predict(self.tfidf) for m in self.run.ridge[tag]])
+        """Per fold model, the ridge's predictions on target `tag` ("name": log1p price from the item name)."""
+        def predict():
+            rows = self.run.name_text.transform(name_text(self.table)) if tag == "name" else self.tfidf
+            return [m.predict(rows) for m in self.run.ridge[tag]]
+
+        return self._once(("ridge", tag), predict)
+
+    def ridge_columns(self, m: int) -> dict:
+        """Fold model m's ridge features for LightGBM, those the run holds models for."""
+        run, columns = self.run, {}
+        if "log1p" in run.ridge and "text" in self.cfg.ridge_features:
+            columns["ridge_log_price"] = self.ridge("log1p")[m]
+        if run.name_text is not None and "name" in run.ridge:
+            columns["name_ridge_log_price"] = self.ridge("name")[m]
+        return columns
 
     def knn(self, tag: str) -> list[np.ndarray]:
         cfg, k = self.cfg, self.cfg.knn_k
@@ -311,13 +327,12 @@ class RowFeatures:
                                                                           "nbq": run.targets["per_qty"]}
         with_te = head_parts(head)[0] == "lgbm" and bool(cfg.target_encoding_fields)
         encodings = self.encodings(("te",) if tag == "log1p" else ("te", "teq")) if with_te else None
-        ridge = self.ridge("log1p") if cfg.ridge_feature else None
         spaces = ["tfidf", *run.sources]
         out = []
         for m, booster in enumerate(run.lgbm[head]):
             frame = lgbm_fold_frame(self.lgbm_base, {s: tuple(a[m] for a in self.neighbours(s)) for s in spaces},
                                     targets, cfg.neighbour_k, cfg.distance_eps,
-                                    None if ridge is None else ridge[m], None if encodings is None else encodings[m])
+                                    self.ridge_columns(m), None if encodings is None else encodings[m])
             columns = run.features[head][m]
             missing = [c for c in columns if c not in frame.columns]
             if missing:

@@ -34,8 +34,8 @@ from core.predictions import write_predictions
 from core.runtime import pick_device, seed_everything, setup_logging
 from core.tables import holdout_fold, load_table
 from heads.config import HEADS, PROFILES, HeadsConfig
-from heads.features import (TfidfText, available_sources, fit_svd, lgbm_base_features, lgbm_fold_frame, project,
-                            row_text, tabular_features)
+from heads.features import (TfidfText, available_sources, fit_svd, lgbm_base_features, lgbm_fold_frame, name_text,
+                            project, row_text, tabular_features)
 from heads.neighbours import neighbour_price_features, train_neighbours
 from heads.predict import (HeadsRun, RowFeatures, SourceFit, TabularFit, fold_encoding_rows, head_parts,
                            load_row_vectors, quantity_offset, save_run, tabular_values, write_fold_encoding_caches,
@@ -43,6 +43,7 @@ from heads.predict import (HeadsRun, RowFeatures, SourceFit, TabularFit, fold_en
 from heads.target_encoding import FIELDS as TARGET_ENCODING_FIELDS, category_keys, encoding_columns, fit_statistics
 
 SELECTION = "fixed hyperparameters from the config; no early stopping or model choice on the scored fold"
+RIDGE_COLUMNS = {"text": "ridge_log_price", "name": "name_ridge_log_price"}  # LightGBM's ridge features
 
 
 def parse_cli(argv=None) -> HeadsConfig:
@@ -60,6 +61,8 @@ def check_config(cfg: HeadsConfig) -> None:
         raise ConfigError(f"target_encoding_m={cfg.target_encoding_m}: the smoothing weight must be >= 0")
     if cfg.knn_space != "tfidf" and cfg.knn_space not in cfg.embedding_sources:
         raise ConfigError(f"knn_space={cfg.knn_space!r}: use tfidf or one of embedding_sources {cfg.embedding_sources}")
+    if any(r not in RIDGE_COLUMNS for r in cfg.ridge_features):
+        raise ConfigError(f"ridge_features={','.join(cfg.ridge_features)}: each must be one of {', '.join(RIDGE_COLUMNS)}")
     if cfg.lgbm_objective not in ("huber", "l1", "regression"):
         raise ConfigError(f"lgbm_objective={cfg.lgbm_objective!r}: use huber, l1 or regression")
 
@@ -122,6 +125,15 @@ class Inputs:
         return self._once("tfidf", fit)
 
     @property
+    def name_tfidf(self):
+        """(TfidfText fitted on the train rows' item names, their matrix) for the name ridge."""
+        def fit():
+            text = TfidfText(self.cfg)
+            return text, text.fit_transform(name_text(self.train))
+
+        return self._once("name_tfidf", fit)
+
+    @property
     def sources(self):
         return self._once("sources", lambda: {s.name: s for s in available_sources(self.cfg, self.train_ids, None,
                                                                                   self.log)})
@@ -148,9 +160,12 @@ class Inputs:
 
     def ridge(self, tag: str):
         """(out-of-fold predictions, fold models) of the ridge on target `tag`, fitted once: a head of its
-        own and (on log1p price) LightGBM's ridge feature."""
+        own and (on log1p price) LightGBM's ridge feature. Tag "name": log1p price from the item name alone."""
         if tag not in self._ridge:
-            self._ridge[tag] = fit_ridge(self, self.targets[tag])
+            if tag == "name":
+                self._ridge[tag] = fit_ridge(self, self.y, self.name_tfidf[1])
+            else:
+                self._ridge[tag] = fit_ridge(self, self.targets[tag])
         return self._ridge[tag]
 
     @property
@@ -179,9 +194,10 @@ def _ridge(alpha: float, seed: int):
     return Ridge(alpha=alpha, solver="sparse_cg", random_state=seed)
 
 
-def fit_ridge(inputs: Inputs, target: np.ndarray):
-    """Out-of-fold ridge on the TF-IDF: (oof [n_train], fold models)."""
-    cfg, x_train = inputs.cfg, inputs.tfidf
+def fit_ridge(inputs: Inputs, target: np.ndarray, x_train=None):
+    """Out-of-fold ridge on the TF-IDF (default the whole text's): (oof [n_train], fold models)."""
+    cfg = inputs.cfg
+    x_train = inputs.tfidf if x_train is None else x_train
     oof, models = np.zeros(len(target)), []
     for f in inputs.fold_ids:
         fit, scored = ~inputs.fold_mask(f), inputs.fold_mask(f)
@@ -197,12 +213,14 @@ def ridge_head(inputs: Inputs, tag: str):
     return oof, {"embedding_sources": []}
 
 
-def ridge_inner_features(inputs: Inputs, oof: np.ndarray) -> dict:
+def ridge_inner_features(inputs: Inputs, oof: np.ndarray, x_train=None) -> dict:
     """The ridge prediction as a LightGBM feature of the train rows, per fold model f: rows of fold f get
     the model trained without f (the head's own out-of-fold prediction); rows of another fold g get a
     model trained without f and g. One inner model serves the pair {f, g} both ways. New rows get the
-    fold model f (the ridge head's), as the scored fold's rows do."""
-    cfg, x_train = inputs.cfg, inputs.tfidf
+    fold model f (the ridge head's), as the scored fold's rows do. x_train: the TF-IDF the ridge reads
+    (default the whole text's)."""
+    cfg = inputs.cfg
+    x_train = inputs.tfidf if x_train is None else x_train
     pair_pred = {}
     for i, f in enumerate(inputs.fold_ids):
         for g in inputs.fold_ids[i + 1:]:
@@ -272,8 +290,25 @@ def lgbm_fold_frames(inputs: Inputs, m: int, base_train: pd.DataFrame, targets: 
     cfg = inputs.cfg
     neighbours = {s: tuple(a[m] for a in inputs.neighbours(s)) for s in ["tfidf", *inputs.sources]}
     return lgbm_fold_frame(base_train, neighbours, targets, cfg.neighbour_k, cfg.distance_eps,
-                           None if ridge_features is None else ridge_features[inputs.fold_ids[m]],
+                           {column: values[inputs.fold_ids[m]] for column, values in (ridge_features or {}).items()},
                            encodings[m] if encodings else None)
+
+
+def lgbm_ridge_features(inputs: Inputs) -> dict:
+    """{column: {fold: train rows' values}} of cfg.ridge_features under the inner fold rule, computed once;
+    their fold models join the run."""
+    def fit():
+        run, features = inputs.run, {}
+        for name in inputs.cfg.ridge_features:
+            tag, matrix = ("log1p", None) if name == "text" else ("name", inputs.name_tfidf[1])
+            oof, models = inputs.ridge(tag)
+            run.ridge[tag] = models
+            if name == "name":
+                run.name_text = inputs.name_tfidf[0]
+            features[RIDGE_COLUMNS[name]] = ridge_inner_features(inputs, oof, matrix)
+        return features
+
+    return inputs._once("ridge_features", fit)
 
 
 def lgbm_params(cfg: HeadsConfig) -> dict:
@@ -312,9 +347,7 @@ def lgbm_head(inputs: Inputs, tag: str, head: str = "lgbm"):
     cfg, run = inputs.cfg, inputs.run
     target = inputs.targets[tag]
     base_train = lgbm_shared_features(inputs)
-    ridge_features = ridge_inner_features(inputs, inputs.ridge("log1p")[0]) if cfg.ridge_feature else None
-    if ridge_features is not None:
-        run.ridge["log1p"] = inputs.ridge("log1p")[1]
+    ridge_features = lgbm_ridge_features(inputs)
     encodings = fold_encodings(inputs, tag) if head_parts(head)[0] == "lgbm" else []
     targets = {"nb": inputs.y} if tag == "log1p" else {"nb": inputs.y, "nbq": target}
     oof, boosters, columns = np.zeros(len(target)), [], []
