@@ -107,6 +107,10 @@ def row_text(table: pd.DataFrame) -> pd.Series:
     return table["text"].fillna("").astype(str)
 
 
+# LightGBM's ridge features: {cfg.ridge_features entry: (the ridge's tag in a run's `ridge`, its column)}
+RIDGE_FEATURES = {"text": ("log1p", "ridge_log_price"), "name": ("name", "name_ridge_log_price")}
+
+
 def name_text(table: pd.DataFrame) -> pd.Series:
     """The item name alone, '' where a row has none: the name ridge's TF-IDF reads it."""
     return table["item_name"].fillna("").astype(str)

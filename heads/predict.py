@@ -34,8 +34,8 @@ from core.predictions import PredictionsError, read_predictions, write_predictio
 from core.runtime import pick_device, setup_logging
 from core.tables import load_table
 from heads.config import PROFILES, HeadsConfig
-from heads.features import (TfidfText, lgbm_base_features, lgbm_fold_frame, name_text, project, row_text,
-                            tabular_features)
+from heads.features import (RIDGE_FEATURES, TfidfText, lgbm_base_features, lgbm_fold_frame, name_text, project,
+                            row_text, tabular_features)
 from heads.neighbours import neighbour_price_features, row_neighbours
 from heads.target_encoding import category_keys, encoding_columns
 
@@ -293,12 +293,8 @@ class RowFeatures:
 
     def ridge_columns(self, m: int) -> dict:
         """Fold model m's ridge features for LightGBM, those the run holds models for."""
-        run, columns = self.run, {}
-        if "log1p" in run.ridge and "text" in self.cfg.ridge_features:
-            columns["ridge_log_price"] = self.ridge("log1p")[m]
-        if run.name_text is not None and "name" in run.ridge:
-            columns["name_ridge_log_price"] = self.ridge("name")[m]
-        return columns
+        features = [RIDGE_FEATURES[name] for name in self.cfg.ridge_features]
+        return {column: self.ridge(tag)[m] for tag, column in features if tag in self.run.ridge}
 
     def knn(self, tag: str) -> list[np.ndarray]:
         cfg, k = self.cfg, self.cfg.knn_k

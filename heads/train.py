@@ -34,8 +34,8 @@ from core.predictions import write_predictions
 from core.runtime import pick_device, seed_everything, setup_logging
 from core.tables import holdout_fold, load_table
 from heads.config import HEADS, PROFILES, HeadsConfig
-from heads.features import (TfidfText, available_sources, fit_svd, lgbm_base_features, lgbm_fold_frame, name_text,
-                            project, row_text, tabular_features)
+from heads.features import (RIDGE_FEATURES, TfidfText, available_sources, fit_svd, lgbm_base_features,
+                            lgbm_fold_frame, name_text, project, row_text, tabular_features)
 from heads.neighbours import neighbour_price_features, train_neighbours
 from heads.predict import (HeadsRun, RowFeatures, SourceFit, TabularFit, fold_encoding_rows, head_parts,
                            load_row_vectors, quantity_offset, save_run, tabular_values, write_fold_encoding_caches,
@@ -43,7 +43,6 @@ from heads.predict import (HeadsRun, RowFeatures, SourceFit, TabularFit, fold_en
 from heads.target_encoding import FIELDS as TARGET_ENCODING_FIELDS, category_keys, encoding_columns, fit_statistics
 
 SELECTION = "fixed hyperparameters from the config; no early stopping or model choice on the scored fold"
-RIDGE_COLUMNS = {"text": "ridge_log_price", "name": "name_ridge_log_price"}  # LightGBM's ridge features
 
 
 def parse_cli(argv=None) -> HeadsConfig:
@@ -61,8 +60,8 @@ def check_config(cfg: HeadsConfig) -> None:
         raise ConfigError(f"target_encoding_m={cfg.target_encoding_m}: the smoothing weight must be >= 0")
     if cfg.knn_space != "tfidf" and cfg.knn_space not in cfg.embedding_sources:
         raise ConfigError(f"knn_space={cfg.knn_space!r}: use tfidf or one of embedding_sources {cfg.embedding_sources}")
-    if any(r not in RIDGE_COLUMNS for r in cfg.ridge_features):
-        raise ConfigError(f"ridge_features={','.join(cfg.ridge_features)}: each must be one of {', '.join(RIDGE_COLUMNS)}")
+    if any(r not in RIDGE_FEATURES for r in cfg.ridge_features):
+        raise ConfigError(f"ridge_features={','.join(cfg.ridge_features)}: each must be one of {', '.join(RIDGE_FEATURES)}")
     if cfg.lgbm_objective not in ("huber", "l1", "regression"):
         raise ConfigError(f"lgbm_objective={cfg.lgbm_objective!r}: use huber, l1 or regression")
 
@@ -162,11 +161,13 @@ class Inputs:
         """(out-of-fold predictions, fold models) of the ridge on target `tag`, fitted once: a head of its
         own and (on log1p price) LightGBM's ridge feature. Tag "name": log1p price from the item name alone."""
         if tag not in self._ridge:
-            if tag == "name":
-                self._ridge[tag] = fit_ridge(self, self.y, self.name_tfidf[1])
-            else:
-                self._ridge[tag] = fit_ridge(self, self.targets[tag])
+            target = self.y if tag == "name" else self.targets[tag]
+            self._ridge[tag] = fit_ridge(self, target, self.ridge_matrix(tag))
         return self._ridge[tag]
+
+    def ridge_matrix(self, tag: str):
+        """The TF-IDF the ridge on `tag` reads: the item names' for "name", else the whole text's."""
+        return self.name_tfidf[1] if tag == "name" else self.tfidf
 
     @property
     def run(self) -> HeadsRun:
@@ -194,10 +195,9 @@ def _ridge(alpha: float, seed: int):
     return Ridge(alpha=alpha, solver="sparse_cg", random_state=seed)
 
 
-def fit_ridge(inputs: Inputs, target: np.ndarray, x_train=None):
-    """Out-of-fold ridge on the TF-IDF (default the whole text's): (oof [n_train], fold models)."""
+def fit_ridge(inputs: Inputs, target: np.ndarray, x_train):
+    """Out-of-fold ridge on a TF-IDF matrix of the train rows: (oof [n_train], fold models)."""
     cfg = inputs.cfg
-    x_train = inputs.tfidf if x_train is None else x_train
     oof, models = np.zeros(len(target)), []
     for f in inputs.fold_ids:
         fit, scored = ~inputs.fold_mask(f), inputs.fold_mask(f)
@@ -213,14 +213,12 @@ def ridge_head(inputs: Inputs, tag: str):
     return oof, {"embedding_sources": []}
 
 
-def ridge_inner_features(inputs: Inputs, oof: np.ndarray, x_train=None) -> dict:
+def ridge_inner_features(inputs: Inputs, oof: np.ndarray, x_train) -> dict:
     """The ridge prediction as a LightGBM feature of the train rows, per fold model f: rows of fold f get
     the model trained without f (the head's own out-of-fold prediction); rows of another fold g get a
     model trained without f and g. One inner model serves the pair {f, g} both ways. New rows get the
-    fold model f (the ridge head's), as the scored fold's rows do. x_train: the TF-IDF the ridge reads
-    (default the whole text's)."""
+    fold model f (the ridge head's), as the scored fold's rows do. x_train: the TF-IDF the ridge reads."""
     cfg = inputs.cfg
-    x_train = inputs.tfidf if x_train is None else x_train
     pair_pred = {}
     for i, f in enumerate(inputs.fold_ids):
         for g in inputs.fold_ids[i + 1:]:
@@ -300,12 +298,12 @@ def lgbm_ridge_features(inputs: Inputs) -> dict:
     def fit():
         run, features = inputs.run, {}
         for name in inputs.cfg.ridge_features:
-            tag, matrix = ("log1p", None) if name == "text" else ("name", inputs.name_tfidf[1])
+            tag, column = RIDGE_FEATURES[name]
             oof, models = inputs.ridge(tag)
             run.ridge[tag] = models
-            if name == "name":
+            if tag == "name":
                 run.name_text = inputs.name_tfidf[0]
-            features[RIDGE_COLUMNS[name]] = ridge_inner_features(inputs, oof, matrix)
+            features[column] = ridge_inner_features(inputs, oof, inputs.ridge_matrix(tag))
         return features
 
     return inputs._once("ridge_features", fit)
