@@ -9,9 +9,9 @@ file under new ids, so the run has the 7k/2k shape of a real job; test prices ar
 runs `python -m pipeline profile=small` on it (images are not downloaded unless
 `download_images=true`: the competition's CDN is often out of reach), and prints: each model's SMAPE and what the figure is
 (out of fold on every train row, holdout fold only, or the blend's nested CV) and, for mixture-of-experts
-models, the mean gate load per expert; the blend's nested CV without and with its price calibration and
-whether the submission uses it; the blend's SMAPE per price decile; and seconds per stage. Further
-`key=value` tokens go to the pipeline.
+models, the mean gate load per expert; the blend's nested CV without and with its stack model and its price
+calibration, and whether the submission uses the calibration; the blend's SMAPE per price decile; and
+seconds per stage. Further `key=value` tokens go to the pipeline.
 """
 from __future__ import annotations
 
@@ -96,6 +96,10 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     print(f"\nblend nested CV {ensemble['nested_cv_smape']:.2f} (+/- {ensemble['nested_cv_smape_std']:.2f} over folds); "
           f"in-sample {ensemble['in_sample_smape']:.2f} (optimistic); best single out-of-fold model {best_single:.2f}; "
           f"weights {', '.join(f'{k} {v:.3f}' for k, v in ensemble['weights'].items())}; scale {ensemble['scale']:.3f}")
+    if ensemble.get("nested_cv_smape_stacked") is not None:
+        print(f"stack model (share {ensemble['stack_share']:g} of the log price, before the price calibration): "
+              f"nested CV {ensemble['nested_cv_smape_linear']:.2f} with the weights and scale alone, "
+              f"{ensemble['nested_cv_smape_stacked']:.2f} with it; {ensemble['stack_decision']}")
     if ensemble.get("nested_cv_smape_calibrated") is not None:
         print(f"price calibration ({ensemble['calibration']['shape']}): nested CV "
               f"{ensemble['nested_cv_smape_uncalibrated']:.2f} without, {ensemble['nested_cv_smape_calibrated']:.2f} "

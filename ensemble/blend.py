@@ -4,17 +4,20 @@
     python -m ensemble.blend models=ridge,lgbm,all_embeddings output=test_out.csv
     python -m ensemble.blend profile=tiny                 # the demo's folders
 
-CPU only; about 25 s for 3 models on 75,000 rows (2 cores), half of it the calibration's inner CV.
+CPU only; about 25 s for 3 models on 75,000 rows (2 cores), half of it the calibration's inner CV; the
+stack model adds about 7 s.
 The blended log price is sum_i w_i * p_i with w >= 0 (no intercept, no sum constraint), fitted to
-minimise the OOF SMAPE of the floored prices; then one multiplicative price scale s is searched on a grid; then, unless
-`calibration_bins=0`, a price scale that depends on the predicted price (one per quantile bin of the
-prediction, or log-linear in it; see `fit_calibration`). The reported figure is nested CV: for each
-fold, weights, scale and calibration (bin edges included) are fitted on the other folds' OOF rows
-only and applied to that fold. Nested CV is reported without and with the calibration, and the
-submission uses the calibration only if it lowers the nested figure (by more than
-`calibration_min_gain`). The in-sample figure (fitted and scored on the same rows) is printed too,
-labelled optimistic. Only models whose `oof_kind` is "out_of_fold" can be blended; "holdout" models
-are left out with a log line.
+minimise the OOF SMAPE of the floored prices; then one multiplicative price scale s is searched on a
+grid; then, unless `stack_share=0`, a small LightGBM on the same log predictions (a stack model,
+which can follow one model where another goes wrong) is mixed in log space with that price; then,
+unless `calibration_bins=0`, a price scale that depends on the predicted price (one per quantile bin
+of the prediction, or log-linear in it; see `fit_calibration`). The reported figure is nested CV:
+for each fold, weights, scale, stack model and calibration (bin edges included) are fitted on the
+other folds' OOF rows only and applied to that fold. Nested CV is reported without and with the
+stack model and without and with the calibration, and the submission uses each only if it lowers
+the nested figure (by more than `stack_min_gain` / `calibration_min_gain`). The in-sample figure
+(fitted and scored on the same rows) is printed too, labelled optimistic. Only models whose
+`oof_kind` is "out_of_fold" can be blended; "holdout" models are left out with a log line.
 """
 from __future__ import annotations
 
@@ -86,6 +89,10 @@ class Blend:
     weights: np.ndarray  # one non-negative weight per model, applied to log1p predictions
     scale: float  # multiplies the blended price
     calibration: Optional[Calibration] = None  # then multiplies by a scale that depends on the price
+    # a level-2 LightGBM (model text) on the same log predictions; before the calibration, the log price is
+    # (1 - stack_share) * log1p(scaled blend) + stack_share * the stack model's
+    stack: Optional[str] = None
+    stack_share: float = 0.0
 
 
 @dataclass
@@ -95,6 +102,7 @@ class NestedResult:
     fold_blends: dict  # fold -> the Blend fitted on the other folds
     calibrated_prices: Optional[np.ndarray] = None  # the same blends with their calibration; None when off
     calibrated_fold_smape: dict = field(default_factory=dict)
+    linear_prices: Optional[np.ndarray] = None  # the weights and scale alone, without the stack model
 
 
 # ---------------------------------------------------------------- pure fitting functions
@@ -104,6 +112,28 @@ def blend_prices(log_preds: np.ndarray, weights, scale: float, floor: float) -> 
     """Prices of the blend: scale * expm1(sum_i w_i p_i), floored at `floor` (never at 0)."""
     blended = np.minimum(np.asarray(log_preds, dtype=np.float64) @ np.asarray(weights, dtype=np.float64), MAX_LOG_PRICE)
     return np.maximum(scale * np.expm1(blended), floor)
+
+
+def stack_params(leaves: int, learning_rate: float, min_child_samples: int, seed: int) -> dict:
+    return {"objective": "l1", "num_leaves": leaves, "learning_rate": learning_rate,
+            "min_child_samples": min_child_samples, "feature_fraction": 0.8, "bagging_fraction": 0.8,
+            "bagging_freq": 1, "seed": seed, "deterministic": True, "num_threads": 1, "verbose": -1}
+
+
+def fit_stack(log_preds, y_price, rounds: int = 300, **params) -> str:
+    """A small LightGBM (L1 on log1p price) on the models' log predictions: it can follow a model
+    where another is known to go wrong, which one weight per model cannot. Returned as model text,
+    the form the stored blend keeps."""
+    import lightgbm as lgb
+
+    data = lgb.Dataset(np.asarray(log_preds, dtype=np.float64), np.log1p(np.asarray(y_price, dtype=np.float64)))
+    return lgb.train(stack_params(**params), data, num_boost_round=rounds).model_to_string()
+
+
+def stack_log_prices(stack: str, log_preds) -> np.ndarray:
+    import lightgbm as lgb
+
+    return lgb.Booster(model_str=stack).predict(np.asarray(log_preds, dtype=np.float64))
 
 
 def smooth_smape_and_grad(weights, log_preds, y_price, floor, smoothing):
@@ -248,23 +278,39 @@ def fit_calibration(price, y_price, floor: float, shape: str = "bins", bins: int
 def fit_blend(log_preds, y_price, floor: float, scale_min: float = 0.8, scale_max: float = 1.2,
               scale_steps: int = 81, smoothing: float = 1e-3, n_restarts: int = 0, seed: int = 0,
               calibration_bins: int = 0, calibration_shape: str = "auto", calibration_scale_min: float = 0.5,
-              calibration_scale_max: float = 2.0, calibration_shrink_rows: float = 0.0, folds=None) -> Blend:
+              calibration_scale_max: float = 2.0, calibration_shrink_rows: float = 0.0, folds=None,
+              stack_share: float = 0.0, stack_leaves: int = 8, stack_rounds: int = 300,
+              stack_learning_rate: float = 0.03, stack_min_child_samples: int = 50) -> Blend:
     """Weights on the log predictions, then one price scale on the blended prediction, then (when
-    `calibration_bins` > 0) a calibration on the scaled price, its inner CV over `folds`."""
+    `stack_share` > 0) a level-2 LightGBM on the same predictions mixed in, then (when
+    `calibration_bins` > 0) a calibration on that price, its inner CV over `folds`."""
     weights = fit_weights(log_preds, y_price, floor, smoothing, n_restarts, seed)
     blended = np.asarray(log_preds, dtype=np.float64) @ weights
     blend = Blend(weights, fit_scale(blended, y_price, floor, scale_min, scale_max, scale_steps))
+    if stack_share > 0:
+        blend.stack = fit_stack(log_preds, y_price, stack_rounds, leaves=stack_leaves,
+                                learning_rate=stack_learning_rate, min_child_samples=stack_min_child_samples, seed=seed)
+        blend.stack_share = float(stack_share)
     if calibration_bins > 0:
-        price = blend_prices(log_preds, blend.weights, blend.scale, floor)
+        price = uncalibrated_prices(blend, log_preds, floor)
         blend.calibration = fit_calibration(price, y_price, floor, calibration_shape, calibration_bins,
                                             calibration_scale_min, calibration_scale_max, calibration_shrink_rows,
                                             folds=folds, steps=scale_steps)
     return blend
 
 
+def uncalibrated_prices(blend: Blend, log_preds, floor: float) -> np.ndarray:
+    """The weights and scale's floored prices, mixed in log space with the stack model's when there is one."""
+    price = blend_prices(log_preds, blend.weights, blend.scale, floor)
+    if blend.stack is None:
+        return price
+    mixed = (1 - blend.stack_share) * np.log1p(price) + blend.stack_share * stack_log_prices(blend.stack, log_preds)
+    return np.maximum(np.expm1(np.minimum(mixed, MAX_LOG_PRICE)), floor)
+
+
 def predict_prices(blend: Blend, log_preds, floor: float, calibrated: bool = True) -> np.ndarray:
     """The blend's floored prices, with its calibration when it has one and `calibrated`."""
-    price = blend_prices(log_preds, blend.weights, blend.scale, floor)
+    price = uncalibrated_prices(blend, log_preds, floor)
     return apply_calibration(blend.calibration, price, floor) if calibrated else price
 
 
@@ -276,6 +322,7 @@ def nested_cv(log_preds, y_price, folds, fit=fit_blend, **fit_kwargs) -> NestedR
     y_price = np.asarray(y_price, dtype=np.float64)
     folds = np.asarray(folds)
     prices = np.full(len(y_price), np.nan)
+    linear = np.full(len(y_price), np.nan)
     calibrated = np.full(len(y_price), np.nan)
     fold_smape, fold_blends, calibrated_fold_smape = {}, {}, {}
     for fold in np.unique(folds):
@@ -284,7 +331,8 @@ def nested_cv(log_preds, y_price, folds, fit=fit_blend, **fit_kwargs) -> NestedR
             raise ValueError(f"nested_cv: fold {fold} holds every row; at least two folds are needed")
         floor = float(y_price[~scored].min())
         blend = fit(log_preds[~scored], y_price[~scored], floor, folds=folds[~scored], **fit_kwargs)
-        prices[scored] = blend_prices(log_preds[scored], blend.weights, blend.scale, floor)
+        linear[scored] = blend_prices(log_preds[scored], blend.weights, blend.scale, floor)
+        prices[scored] = uncalibrated_prices(blend, log_preds[scored], floor)
         fold_smape[int(fold)] = smape(y_price[scored], prices[scored])
         fold_blends[int(fold)] = blend
         if blend.calibration is not None:
@@ -292,7 +340,7 @@ def nested_cv(log_preds, y_price, folds, fit=fit_blend, **fit_kwargs) -> NestedR
             calibrated_fold_smape[int(fold)] = smape(y_price[scored], calibrated[scored])
     has_calibration = len(calibrated_fold_smape) == len(fold_smape)
     return NestedResult(prices, fold_smape, fold_blends, calibrated if has_calibration else None,
-                        calibrated_fold_smape if has_calibration else {})
+                        calibrated_fold_smape if has_calibration else {}, linear)
 
 
 def smape_by_decile(y_price, pred_price, n_bins: int = 10, by=None) -> pd.DataFrame:
@@ -357,16 +405,17 @@ def clean_rows(models, folds: np.ndarray, seed: int, log):
     return clean, cv_folds
 
 
-def calibration_decision(uncalibrated: float, calibrated: Optional[float], min_gain: float) -> tuple[bool, str]:
-    """(use the calibration for the submission?, the reason in one sentence), from the two nested figures."""
-    if calibrated is None:
-        return False, "off (calibration_bins=0)"
-    gain = uncalibrated - calibrated
+def gain_decision(without: float, with_it: Optional[float], min_gain: float, setting: str,
+                  off: str) -> tuple[bool, str]:
+    """(use a step for the submission?, the reason in one sentence), from the nested figures without and
+    with it; `with_it` None: the step is off (`off` says why). `setting` names the min-gain key."""
+    if with_it is None:
+        return False, off
+    gain = without - with_it
     if gain > min_gain:
-        return True, (f"used: nested CV {uncalibrated:.3f} -> {calibrated:.3f} with it (gain {gain:.3f} > "
-                      f"calibration_min_gain {min_gain:g})")
-    return False, (f"not used: nested CV {uncalibrated:.3f} without, {calibrated:.3f} with it (gain {gain:.3f}, "
-                   f"not above calibration_min_gain {min_gain:g})")
+        return True, f"used: nested CV {without:.3f} -> {with_it:.3f} with it (gain {gain:.3f} > {setting} {min_gain:g})"
+    return False, (f"not used: nested CV {without:.3f} without, {with_it:.3f} with it (gain {gain:.3f}, "
+                   f"not above {setting} {min_gain:g})")
 
 
 def describe_calibration(calibration: Calibration) -> str:
@@ -395,6 +444,11 @@ def check_config(cfg: EnsembleConfig):
     if not cfg.calibration_scale_min <= 1.0 <= cfg.calibration_scale_max:
         raise ConfigError(f"calibration_scale_min={cfg.calibration_scale_min}, calibration_scale_max="
                           f"{cfg.calibration_scale_max}: the range must hold 1 (no change)")
+    if not 0.0 <= cfg.stack_share <= 1.0:
+        raise ConfigError(f"stack_share={cfg.stack_share}: the stack model's share of the log price, from 0 (off) to 1")
+    if cfg.stack_share > 0 and min(cfg.stack_leaves - 1, cfg.stack_rounds, cfg.stack_min_child_samples) < 1:
+        raise ConfigError(f"stack_leaves={cfg.stack_leaves}, stack_rounds={cfg.stack_rounds}, stack_min_child_samples="
+                          f"{cfg.stack_min_child_samples}: need at least 2 leaves, 1 round and 1 row per leaf")
 
 
 def blend_record(names: list[str], blend: Blend, floor: float, calibrated: bool) -> dict:
@@ -405,7 +459,8 @@ def blend_record(names: list[str], blend: Blend, floor: float, calibrated: bool)
         calibration = {k: (v.tolist() if isinstance(v, np.ndarray) else v)
                        for k, v in dataclasses.asdict(blend.calibration).items() if k != "inner_cv_smape"}
     return {"models": list(names), "weights": [float(w) for w in blend.weights], "scale": float(blend.scale),
-            "price_floor": float(floor), "calibration": calibration}
+            "price_floor": float(floor), "calibration": calibration, "stack": blend.stack,
+            "stack_share": blend.stack_share}
 
 
 def price_rows(record: dict, log_preds: dict) -> np.ndarray:
@@ -418,7 +473,8 @@ def price_rows(record: dict, log_preds: dict) -> np.ndarray:
     stored = record["calibration"]
     calibration = None if stored is None else Calibration(**{k: (np.asarray(v) if k in ("edges", "log_scales", "counts")
                                                                  else v) for k, v in stored.items()})
-    blend = Blend(np.asarray(record["weights"], dtype=np.float64), record["scale"], calibration)
+    blend = Blend(np.asarray(record["weights"], dtype=np.float64), record["scale"], calibration,
+                  record.get("stack"), record.get("stack_share", 0.0))
     return predict_prices(blend, columns, record["price_floor"], calibrated=calibration is not None)
 
 
@@ -450,16 +506,27 @@ def main(cfg: EnsembleConfig) -> Path:
                       smoothing=cfg.smoothing, n_restarts=cfg.n_restarts, seed=cfg.seed,
                       calibration_bins=cfg.calibration_bins, calibration_shape=cfg.calibration_shape,
                       calibration_scale_min=cfg.calibration_scale_min, calibration_scale_max=cfg.calibration_scale_max,
-                      calibration_shrink_rows=cfg.calibration_shrink_rows)
+                      calibration_shrink_rows=cfg.calibration_shrink_rows, stack_share=cfg.stack_share,
+                      stack_leaves=cfg.stack_leaves, stack_rounds=cfg.stack_rounds,
+                      stack_learning_rate=cfg.stack_learning_rate, stack_min_child_samples=cfg.stack_min_child_samples)
     y_clean = y_price[clean]
     model_smape = {name: smape(y_clean, prices_from_log(oof[clean, i], floor)) for i, name in enumerate(names)}
     nested = nested_cv(oof[clean], y_clean, cv_folds, **fit_kwargs)
+    # like the calibration below, the stack model is kept only when the nested figure says it helps
+    linear_smape = smape(y_clean, nested.linear_prices)
+    stacked_smape = smape(y_clean, nested.prices) if cfg.stack_share > 0 else None
+    use_stack, stack_decision = gain_decision(linear_smape, stacked_smape, cfg.stack_min_gain, "stack_min_gain",
+                                              "off (stack_share=0)")
+    if stacked_smape is not None and not use_stack:
+        fit_kwargs["stack_share"] = 0.0
+        nested = nested_cv(oof[clean], y_clean, cv_folds, **fit_kwargs)
     final = fit_blend(oof[clean], y_clean, floor, folds=cv_folds, **fit_kwargs)
 
     # the calibration is kept only when the nested figure, which fitted it without the scored fold, says it helps
     uncalibrated_smape = smape(y_clean, nested.prices)
     calibrated_smape = smape(y_clean, nested.calibrated_prices) if final.calibration is not None else None
-    use_calibration, decision = calibration_decision(uncalibrated_smape, calibrated_smape, cfg.calibration_min_gain)
+    use_calibration, decision = gain_decision(uncalibrated_smape, calibrated_smape, cfg.calibration_min_gain,
+                                              "calibration_min_gain", "off (calibration_bins=0)")
     nested_prices = nested.calibrated_prices if use_calibration else nested.prices
     fold_smape = nested.calibrated_fold_smape if use_calibration else nested.fold_smape
     nested_smape = smape(y_clean, nested_prices)
@@ -494,6 +561,11 @@ def main(cfg: EnsembleConfig) -> Path:
         "nested_cv_smape": nested_smape,
         "nested_cv_smape_uncalibrated": uncalibrated_smape,
         "nested_cv_smape_calibrated": calibrated_smape,
+        "nested_cv_smape_linear": linear_smape,
+        "nested_cv_smape_stacked": stacked_smape,
+        "stack_used": use_stack,
+        "stack_decision": stack_decision,
+        "stack_share": cfg.stack_share,
         "calibration_used": use_calibration,
         "calibration_decision": decision,
         "calibration": final.calibration.describe() if final.calibration is not None else None,
@@ -520,9 +592,8 @@ def main(cfg: EnsembleConfig) -> Path:
         "blend": record,
         "config": to_dict(cfg),
     }
-    selection = "weights and scale fitted on the other folds (nested CV)"
-    if use_calibration:
-        selection = "weights, scale and price calibration fitted on the other folds (nested CV)"
+    fitted = ["weights", "scale"] + ["stack model"] * use_stack + ["price calibration"] * use_calibration
+    selection = f"{', '.join(fitted[:-1])} and {fitted[-1]} fitted on the other folds (nested CV)"
     write_predictions(cfg.predictions_dir, ENSEMBLE_MODEL,
                       pd.DataFrame({"sample_id": np.asarray(train_ids)[clean], "log_pred": np.log1p(nested_prices),
                                     "fold": folds[clean]}),
@@ -538,6 +609,10 @@ def main(cfg: EnsembleConfig) -> Path:
     if final.calibration is not None:
         rows.append({"model": "blend + calibration in-sample (optimistic)", "oof_smape": in_sample["calibrated"],
                      "weight": "", "note": ""})
+    if stacked_smape is not None:
+        rows.append({"model": "weights and scale alone nested CV", "oof_smape": linear_smape, "weight": "", "note": ""})
+        rows.append({"model": "with the stack model nested CV", "oof_smape": stacked_smape, "weight": "",
+                     "note": f"share {cfg.stack_share:g}, {'used' if use_stack else 'not used'}"})
     rows.append({"model": "blend nested CV", "oof_smape": uncalibrated_smape, "weight": "",
                  "note": f"+/- {np.std(list(nested.fold_smape.values())):.2f} over {len(fold_values)} folds"})
     if final.calibration is not None:
@@ -549,6 +624,7 @@ def main(cfg: EnsembleConfig) -> Path:
     if final.calibration is not None:
         log.info("calibration fitted on every row (%s):\n%s", describe_calibration(final.calibration),
                  format_table(calibration_table(final.calibration), "{:.3f}"))
+    log.info("stack model: %s", stack_decision)
     log.info("calibration: %s", decision)
     log.info("nested CV SMAPE by decile of the true price:\n%s", format_table(deciles))
     log.info("nested CV SMAPE (no calibration) by decile of the predicted price (price_from/to: predicted):\n%s",

@@ -30,6 +30,16 @@ class EnsembleConfig:
     calibration_shrink_rows: float = 200.0  # a bin of n rows keeps n / (n + this) of its fitted log scale (200 rows
     #                                         keep half); pulls thin bins toward 1
     calibration_min_gain: float = 0.0  # use the calibration only if it lowers nested-CV SMAPE by more than this
+    # Before the calibration, a level-2 LightGBM on the same out-of-fold log predictions, mixed in log space with
+    # the weights' blend (fitted, like them, on the other folds in nested CV). On the real rows a half share took the
+    # nested figure about 0.1 to 0.2 lower in both runs measured (BENCHMARKS.md); on a few hundred rows it can
+    # overfit, so like the calibration it is used only if nested CV says it helps. 0 turns it off.
+    stack_share: float = 0.5
+    stack_min_gain: float = 0.0  # use the stack model only if it lowers nested-CV SMAPE by more than this
+    stack_leaves: int = 8
+    stack_rounds: int = 300
+    stack_learning_rate: float = 0.03
+    stack_min_child_samples: int = 50
 
 
 PROFILES = {

@@ -41,7 +41,8 @@ def test_fit_scale_undoes_ten_percent_over_prediction():
     assert smape(price, blend.scale * np.expm1(blend.weights[0] * np.log1p(price * 1.1))) < 3.0
 
 
-def test_nested_cv_never_fits_on_the_scored_fold():
+@pytest.mark.parametrize("stack_share", [0.0, 0.5])
+def test_nested_cv_never_fits_on_the_scored_fold(stack_share):
     # model "oracle" is perfect on fold 0 and pure noise elsewhere; "honest" is noisy everywhere.
     # A fit that saw fold 0 could lean on the oracle there and score fold 0 almost perfectly.
     rng = np.random.default_rng(2)
@@ -59,7 +60,7 @@ def test_nested_cv_never_fits_on_the_scored_fold():
         fitted_on[len(fitted_on)] = set(np.round(y, 9))
         return fit_blend(p, y, floor, **kwargs)
 
-    nested = nested_cv(log_preds, price, folds, fit=spy_fit)
+    nested = nested_cv(log_preds, price, folds, fit=spy_fit, stack_share=stack_share)
     for fold in range(5):
         scored_rows = set(np.round(price[folds == fold], 9))
         assert fitted_on[fold].isdisjoint(scored_rows)
@@ -68,14 +69,14 @@ def test_nested_cv_never_fits_on_the_scored_fold():
     # fold 0's predictions do not depend on fold 0's labels: scrambling them changes nothing there
     scrambled = price.copy()
     scrambled[folds == 0] = rng.permutation(price[folds == 0]) * 3.0
-    again = nested_cv(log_preds, scrambled, folds)
+    again = nested_cv(log_preds, scrambled, folds, stack_share=stack_share)
     np.testing.assert_allclose(again.prices[folds == 0], nested.prices[folds == 0], rtol=1e-12)
 
     assert nested.fold_blends[0].weights[0] < 0.05  # the oracle looks useless from the other folds
     honest_fold0 = smape(price[folds == 0], prices_from_log(honest[folds == 0], price.min()))
     assert nested.fold_smape[0] > 0.8 * honest_fold0 > 20  # no near-perfect fold 0
-    in_sample = fit_blend(log_preds, price, price.min())
-    in_sample_smape = smape(price, np.maximum(in_sample.scale * np.expm1(log_preds @ in_sample.weights), price.min()))
+    in_sample = fit_blend(log_preds, price, price.min(), stack_share=stack_share)
+    in_sample_smape = smape(price, ensemble.blend.predict_prices(in_sample, log_preds, price.min()))
     assert smape(price, nested.prices) >= in_sample_smape
 
 
@@ -161,6 +162,32 @@ def test_nested_cv_with_calibration_removes_a_planted_bias():
     assert without > 15.0 and with_calibration < 0.6 * without  # about 17.3 -> 5.8
     # a step bias is no power law: every fold's inner CV picks the bins over the log-linear shape
     assert {b.calibration.shape for b in nested.fold_blends.values()} == {"bins"}
+
+
+def test_the_stack_model_follows_each_model_where_it_is_right_and_scores_nested():
+    # model "low" is sharp on cheap rows and noisy on dear ones, model "high" the reverse: one weight per
+    # model can only average them; the stack model learns from their values which one to follow
+    rng = np.random.default_rng(7)
+    n = 3000
+    folds = np.arange(n) % 5
+    log_price = rng.uniform(1, 6, n)
+    price = np.expm1(log_price)
+    cheap = log_price < 3.5
+    low = log_price + rng.normal(0, 1, n) * np.where(cheap, 0.05, 1.0)
+    high = log_price + rng.normal(0, 1, n) * np.where(cheap, 1.0, 0.05)
+    log_preds = np.column_stack([low, high])
+
+    linear = nested_cv(log_preds, price, folds)
+    stacked = nested_cv(log_preds, price, folds, stack_share=0.5)
+    alone = nested_cv(log_preds, price, folds, stack_share=1.0)
+    np.testing.assert_array_equal(stacked.linear_prices, linear.prices)  # the weights and scale are unchanged
+    assert smape(price, stacked.prices) < smape(price, linear.prices) - 5
+    assert smape(price, alone.prices) < smape(price, stacked.prices)
+    # the stored record prices rows exactly as the fitted blend does, in a fresh Blend
+    blend = fit_blend(log_preds, price, price.min(), stack_share=0.5)
+    record = ensemble.blend.blend_record(["low", "high"], blend, price.min(), calibrated=False)
+    np.testing.assert_array_equal(ensemble.blend.price_rows(json.loads(json.dumps(record)), {"low": low, "high": high}),
+                                  ensemble.blend.predict_prices(blend, log_preds, price.min()))
 
 
 def test_smape_by_decile_on_known_values():
@@ -304,9 +331,9 @@ def _stage_summary(cfg):
     return summary, read_predictions(cfg.predictions_dir, "ensemble")
 
 
-def test_calibration_bins_0_reproduces_the_uncalibrated_blend_exactly(stage):
+def test_calibration_and_stack_off_reproduce_the_weights_and_scale_blend_exactly(stage):
     cfg, train, test = stage
-    cfg = dataclasses.replace(cfg, calibration_bins=0)
+    cfg = dataclasses.replace(cfg, calibration_bins=0, stack_share=0.0)
     summary, ensemble_preds = _stage_summary(cfg)
     assert summary["calibration_used"] is False and summary["nested_cv_smape_calibrated"] is None
     assert summary["calibration_decision"] == "off (calibration_bins=0)"
@@ -337,8 +364,10 @@ def test_the_submission_uses_the_calibration_only_when_nested_cv_says_it_helps(s
     train.to_parquet(cfg.data_dir / "train.parquet", index=False)
     test_pred, _, _ = _planted_bin_bias(seed=13, rows_per_bin=len(test) // 10)
     _write_model(cfg.predictions_dir, "biased", train, test, np.log1p(pred), np.log1p(test_pred))
+    # the stack model could learn the same per-bin bias from the one model's values; it is off so the
+    # calibration alone is measured
     cfg = dataclasses.replace(cfg, models=["biased"], calibration_bins=10, calibration_shape="bins",
-                              calibration_shrink_rows=0)
+                              calibration_shrink_rows=0, stack_share=0.0)
     summary, calibrated = _stage_summary(cfg)
     assert summary["calibration_used"] is True and summary["calibration_decision"].startswith("used")
     assert summary["nested_cv_smape_calibrated"] < summary["nested_cv_smape_uncalibrated"] - 5.0
@@ -360,12 +389,33 @@ def test_the_submission_uses_the_calibration_only_when_nested_cv_says_it_helps(s
     assert not np.allclose(calibrated.test["log_pred"], off.test["log_pred"])
 
 
-def test_calibration_settings_are_checked(stage):
+def test_the_submission_uses_the_stack_model_only_when_nested_cv_says_it_helps(stage):
+    cfg, train, test = stage
+    cfg = dataclasses.replace(cfg, calibration_bins=0)
+    summary, stacked = _stage_summary(dataclasses.replace(cfg, stack_min_gain=-1000.0))
+    assert summary["stack_used"] is True and summary["stack_decision"].startswith("used")
+    assert summary["nested_cv_smape"] == summary["nested_cv_smape_stacked"]
+    assert summary["blend"]["stack"] is not None
+    # asked for a gain nested CV does not show, the submission is the weights and scale's, exactly
+    summary, kept_out = _stage_summary(dataclasses.replace(cfg, stack_min_gain=1000.0))
+    assert summary["stack_used"] is False and summary["stack_decision"].startswith("not used")
+    assert summary["nested_cv_smape"] == summary["nested_cv_smape_linear"] and summary["blend"]["stack"] is None
+    _, off = _stage_summary(dataclasses.replace(cfg, stack_share=0.0))
+    pd.testing.assert_frame_equal(kept_out.test, off.test)
+    pd.testing.assert_frame_equal(kept_out.oof, off.oof)
+    assert not np.allclose(stacked.test["log_pred"], off.test["log_pred"])
+
+
+def test_calibration_and_stack_settings_are_checked(stage):
     cfg, _, _ = stage
     with pytest.raises(ConfigError, match="calibration_shape='steps'"):
         main(dataclasses.replace(cfg, calibration_shape="steps"))
     with pytest.raises(ConfigError, match="must hold 1"):
         main(dataclasses.replace(cfg, calibration_scale_min=1.1))
+    with pytest.raises(ConfigError, match="stack_share=1.5"):
+        main(dataclasses.replace(cfg, stack_share=1.5))
+    with pytest.raises(ConfigError, match="stack_leaves=1"):
+        main(dataclasses.replace(cfg, stack_leaves=1))
 
 
 def test_bench_shows_the_expert_load_per_expert():
@@ -381,17 +431,19 @@ def test_bench_shows_the_expert_load_per_expert():
         "0.40/0.35/0.25 (min 0.05)"
 
 
-@pytest.mark.parametrize("calibration_min_gain", [-1000.0, 1000.0])  # calibration forced on, forced off
-def test_stored_blend_reprices_the_test_rows_exactly(stage, calibration_min_gain):
+# calibration and stack model each forced on or off
+@pytest.mark.parametrize("calibration_min_gain,stack_min_gain", [(-1000.0, -1000.0), (1000.0, -1000.0), (-1000.0, 1000.0)])
+def test_stored_blend_reprices_the_test_rows_exactly(stage, calibration_min_gain, stack_min_gain):
     from dataclasses import replace
 
     from core.predictions import read_predictions as read
     from ensemble.blend import price_rows
 
-    cfg = replace(stage[0], calibration_min_gain=calibration_min_gain)
+    cfg = replace(stage[0], calibration_min_gain=calibration_min_gain, stack_min_gain=stack_min_gain)
     main(cfg)
     record = json.loads((cfg.predictions_dir / "ensemble" / "ensemble.json").read_text())["blend"]
     assert (record["calibration"] is not None) == (calibration_min_gain < 0)
+    assert (record["stack"] is not None) == (stack_min_gain < 0)
     logs = {m: read(cfg.predictions_dir, m).test.set_index("sample_id")["log_pred"] for m in record["models"]}
     ids = list(logs[record["models"][0]].index)
     prices = price_rows(record, {m: v.loc[ids].to_numpy() for m, v in logs.items()})
