@@ -114,20 +114,18 @@ def blend_prices(log_preds: np.ndarray, weights, scale: float, floor: float) -> 
     return np.maximum(scale * np.expm1(blended), floor)
 
 
-def stack_params(leaves: int, learning_rate: float, min_child_samples: int, seed: int) -> dict:
-    return {"objective": "l1", "num_leaves": leaves, "learning_rate": learning_rate,
-            "min_child_samples": min_child_samples, "feature_fraction": 0.8, "bagging_fraction": 0.8,
-            "bagging_freq": 1, "seed": seed, "deterministic": True, "num_threads": 1, "verbose": -1}
-
-
-def fit_stack(log_preds, y_price, rounds: int = 300, **params) -> str:
+def fit_stack(log_preds, y_price, rounds: int = 300, leaves: int = 8, learning_rate: float = 0.03,
+              min_child_samples: int = 50, seed: int = 0) -> str:
     """A small LightGBM (L1 on log1p price) on the models' log predictions: it can follow a model
     where another is known to go wrong, which one weight per model cannot. Returned as model text,
     the form the stored blend keeps."""
     import lightgbm as lgb
 
+    params = {"objective": "l1", "num_leaves": leaves, "learning_rate": learning_rate,
+              "min_child_samples": min_child_samples, "feature_fraction": 0.8, "bagging_fraction": 0.8,
+              "bagging_freq": 1, "seed": seed, "deterministic": True, "num_threads": 1, "verbose": -1}
     data = lgb.Dataset(np.asarray(log_preds, dtype=np.float64), np.log1p(np.asarray(y_price, dtype=np.float64)))
-    return lgb.train(stack_params(**params), data, num_boost_round=rounds).model_to_string()
+    return lgb.train(params, data, num_boost_round=rounds).model_to_string()
 
 
 def stack_log_prices(stack: str, log_preds) -> np.ndarray:
@@ -284,14 +282,17 @@ def fit_blend(log_preds, y_price, floor: float, scale_min: float = 0.8, scale_ma
     """Weights on the log predictions, then one price scale on the blended prediction, then (when
     `stack_share` > 0) a level-2 LightGBM on the same predictions mixed in, then (when
     `calibration_bins` > 0) a calibration on that price, its inner CV over `folds`."""
+    log_preds, y_price = np.asarray(log_preds, dtype=np.float64), np.asarray(y_price, dtype=np.float64)
     weights = fit_weights(log_preds, y_price, floor, smoothing, n_restarts, seed)
-    blended = np.asarray(log_preds, dtype=np.float64) @ weights
+    blended = log_preds @ weights
     blend = Blend(weights, fit_scale(blended, y_price, floor, scale_min, scale_max, scale_steps))
     if stack_share > 0:
-        blend.stack = fit_stack(log_preds, y_price, stack_rounds, leaves=stack_leaves,
-                                learning_rate=stack_learning_rate, min_child_samples=stack_min_child_samples, seed=seed)
+        blend.stack = fit_stack(log_preds, y_price, stack_rounds, stack_leaves, stack_learning_rate,
+                                stack_min_child_samples, seed)
         blend.stack_share = float(stack_share)
     if calibration_bins > 0:
+        # on the fitting rows, where the stack model is in-sample; calibrating on its inner out-of-fold
+        # predictions instead changed the real rows' nested figure by under 0.01, at five more fits
         price = uncalibrated_prices(blend, log_preds, floor)
         blend.calibration = fit_calibration(price, y_price, floor, calibration_shape, calibration_bins,
                                             calibration_scale_min, calibration_scale_max, calibration_shrink_rows,

@@ -38,7 +38,7 @@ class HeadsConfig:
     neighbour_k: int = 20  # neighbours behind the price features, in TF-IDF space and in each cache
     # ridge predictions as features (inner out-of-fold, same rule as the neighbours): "text" is the ridge head on
     # the whole text (column ridge_log_price); "name" a ridge on the item name's TF-IDF alone (name_ridge_log_price),
-    # which the whole text's long bullets dilute (real rows, 5-fold OOF: lgbm 54.96 -> 54.69 with it)
+    # which the whole text's long bullets dilute (real rows, 5-fold OOF: lgbm 54.96 -> 54.67 with it)
     ridge_features: list[str] = field(default_factory=lambda: ["text", "name"])
     # out-of-fold target encoding (same fold rule as the neighbours) of these fields: brand1 / brand2 (the
     # item name's first one / two words), unit, pack (the pack count the name states); lgbm_no_te has none

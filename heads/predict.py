@@ -209,7 +209,8 @@ def load_run(out_dir: Path, device: str = "cpu", chunk_size: int | None = None, 
         targets={tag: rows[f"target_{tag}"].to_numpy(dtype=np.float64) for tag in TARGETS},
         text=saved["text"], train_tfidf=saved["text"].train_matrix(train_text), tfidf_svd=saved["tfidf_svd"],
         units=list(saved["units"]), sources=sources, search_k={k: int(v) for k, v in meta["search_k"].items()},
-        ridge=joblib.load(out_dir / "ridge.joblib"), name_text=saved.get("name_text"), knn_fallback=meta["knn_fallback"], lgbm=lgbm,
+        ridge=joblib.load(out_dir / "ridge.joblib"), name_text=saved.get("name_text"),
+        knn_fallback=meta["knn_fallback"], lgbm=lgbm,
         features=meta["features"], encodings=joblib.load(out_dir / "target_encoding.joblib"),
         tabular=saved["tabular"], device=device, chunk_size=chunk_size or cfg.chunk_size)
 
