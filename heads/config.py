@@ -5,9 +5,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 # every head in two target variants: log price, and `<head>_per_qty` (log price per unit of quantity, the
-# quantity added back); lgbm_no_te is lgbm without the target encodings, to show what they add
-HEADS = ("ridge", "ridge_per_qty", "knn", "knn_per_qty", "lgbm", "lgbm_per_qty", "lgbm_no_te")
-DEFAULT_HEADS = ("ridge", "ridge_per_qty", "knn", "knn_per_qty", "lgbm", "lgbm_per_qty")
+# quantity added back); lgbm_no_te is lgbm without the target encodings, to show what they add; mlp is a network on
+# lgbm's columns, trained on SMAPE of the price
+HEADS = ("ridge", "ridge_per_qty", "knn", "knn_per_qty", "lgbm", "lgbm_per_qty", "lgbm_no_te", "mlp")
+DEFAULT_HEADS = ("ridge", "ridge_per_qty", "knn", "knn_per_qty", "lgbm", "lgbm_per_qty", "mlp")
 
 
 @dataclass
@@ -55,6 +56,16 @@ class HeadsConfig:
     lgbm_bagging_fraction: float = 0.8
     lgbm_lambda_l2: float = 1.0
     lgbm_threads: int = 0  # 0: every core
+    # mlp head: lgbm's columns (quantile-mapped) -> hidden -> hidden / 2 -> log1p price, SiLU, AdamW with a one-cycle
+    # learning rate, SMAPE of the price as the loss; fixed epochs, no early stopping; mlp_seeds networks averaged.
+    # Settings from a handful tried on the real rows (BENCHMARKS.md)
+    mlp_hidden: int = 512
+    mlp_dropout: float = 0.3
+    mlp_epochs: int = 20
+    mlp_batch_size: int = 128
+    mlp_learning_rate: float = 3e-3  # the one-cycle peak
+    mlp_weight_decay: float = 1e-2
+    mlp_seeds: int = 6
     # a cache of the price-free columns (structure, text counts, TF-IDF SVD) for fusion's tabular source;
     # empty: none
     tabular_source: str = "text_tabular"
@@ -81,7 +92,7 @@ PROFILES = {
                         word_max_features=20_000,
                         char_max_features=20_000, tfidf_svd_dims=16, embedding_svd_dims=8, knn_k=5, neighbour_k=5,
                         lgbm_rounds=150, lgbm_learning_rate=0.08, lgbm_num_leaves=15, lgbm_min_child_samples=10,
-                        lgbm_threads=1, chunk_size=512, device="cpu"),
+                        lgbm_threads=1, mlp_hidden=64, mlp_epochs=10, mlp_seeds=2, chunk_size=512, device="cpu"),
 }
 
 

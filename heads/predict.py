@@ -43,6 +43,8 @@ RUN_FILE = "run.json"
 ROWS_PER_CHUNK = 8192  # rows priced at once by the script (the neighbour search has its own chunk_size)
 # the train target each head learns: log1p(price), or log(price / quantity) for the per-quantity twins
 TARGETS = ("log1p", "per_qty")
+COLUMN_HEADS = ("lgbm", "lgbm_no_te", "mlp")  # heads on lgbm's columns (structure, SVDs, neighbour prices, ridge)
+ENCODED_HEADS = ("lgbm", "mlp")  # those of them that also read the target encodings
 
 
 class RunError(PipelineError, RuntimeError):
@@ -54,6 +56,10 @@ def head_parts(head: str) -> tuple[str, str]:
     if head.endswith("_per_qty"):
         return head.removesuffix("_per_qty"), "per_qty"
     return head, "log1p"
+
+
+def reads_lgbm_columns(head: str) -> bool:
+    return head_parts(head)[0] in COLUMN_HEADS
 
 
 def quantity_offset(table: pd.DataFrame) -> np.ndarray:
@@ -101,6 +107,7 @@ class HeadsRun:
     name_text: TfidfText | None = None  # the item names' TF-IDF the name ridge reads; None without it
     knn_fallback: dict = field(default_factory=dict)  # {target tag: [fold value]} for rows without neighbours
     lgbm: dict = field(default_factory=dict)  # {head: [fold booster]}
+    mlp: dict = field(default_factory=dict)  # {head: [heads.mlp.MLPFold]}
     features: dict = field(default_factory=dict)  # {head: [fold columns]}
     encodings: dict = field(default_factory=dict)  # {"te" | "teq": {field: KeyStatistics}}
     tabular: TabularFit | None = None
@@ -124,6 +131,7 @@ def save_run(run: HeadsRun, out_dir: Path) -> Path:
         sources/<name>.npz   each cache's train vectors (the neighbour candidates)
         ridge.joblib         ridge fold models per target; target_encoding.joblib: key statistics per fold
         lgbm/<head>/fold_<f>.txt  LightGBM fold models (booster.save_model, text)
+        mlp/<head>/fold_<f>.joblib  network fold models (input transform, centre, weights per seed)
     """
     import joblib
 
@@ -148,10 +156,15 @@ def save_run(run: HeadsRun, out_dir: Path) -> Path:
             (tmp / "lgbm" / head).mkdir(parents=True)
             for f, booster in zip(run.fold_ids, boosters):
                 booster.save_model(str(tmp / "lgbm" / head / f"fold_{f}.txt"))
+        for head, models in run.mlp.items():
+            (tmp / "mlp" / head).mkdir(parents=True)
+            for f, model in zip(run.fold_ids, models):
+                joblib.dump(model, tmp / "mlp" / head / f"fold_{f}.joblib")
         write_json(tmp / RUN_FILE, {
             "complete": True, "config": to_dict(run.cfg), "heads": run.heads, "folds": run.fold_ids,
             "n_train": len(run.train_ids), "sources": list(run.sources), "search_k": run.search_k,
             "knn_fallback": run.knn_fallback, "features": run.features, "lgbm_heads": list(run.lgbm),
+            "mlp_heads": list(run.mlp),
             "versions": installed_versions()})
         old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
         if out_dir.exists():
@@ -186,7 +199,8 @@ def load_run(out_dir: Path, device: str = "cpu", chunk_size: int | None = None, 
         raise RunError(f"{out_dir}/{RUN_FILE}: the run is incomplete; fit it again with `{_fit_command(out_dir)}`")
     needed = ["train_rows.parquet", "text.joblib", "ridge.joblib", "target_encoding.joblib",
               *[f"sources/{name}.npz" for name in meta["sources"]],
-              *[f"lgbm/{head}/fold_{f}.txt" for head in meta["lgbm_heads"] for f in meta["folds"]]]
+              *[f"lgbm/{head}/fold_{f}.txt" for head in meta["lgbm_heads"] for f in meta["folds"]],
+              *[f"mlp/{head}/fold_{f}.joblib" for head in meta.get("mlp_heads", []) for f in meta["folds"]]]
     missing = [name for name in needed if not (out_dir / name).exists()]
     if missing:
         raise RunError(f"{out_dir}: the run is incomplete ({len(missing)} file(s) missing, first {missing[0]}); "
@@ -203,6 +217,8 @@ def load_run(out_dir: Path, device: str = "cpu", chunk_size: int | None = None, 
             sources[name] = SourceFit(saved["source_svds"][name], z["train"], z["present"])
     lgbm = {head: [lgb.Booster(model_file=str(out_dir / "lgbm" / head / f"fold_{f}.txt")) for f in meta["folds"]]
             for head in meta["lgbm_heads"]}
+    mlp = {head: [joblib.load(out_dir / "mlp" / head / f"fold_{f}.joblib") for f in meta["folds"]]
+           for head in meta.get("mlp_heads", [])}
     return HeadsRun(
         cfg=cfg, fold_ids=[int(f) for f in meta["folds"]], train_ids=rows["sample_id"].astype(str).to_numpy(),
         train_text=train_text, folds=rows["fold"].to_numpy(dtype=np.int64),
@@ -210,7 +226,7 @@ def load_run(out_dir: Path, device: str = "cpu", chunk_size: int | None = None, 
         text=saved["text"], train_tfidf=saved["text"].train_matrix(train_text), tfidf_svd=saved["tfidf_svd"],
         units=list(saved["units"]), sources=sources, search_k={k: int(v) for k, v in meta["search_k"].items()},
         ridge=joblib.load(out_dir / "ridge.joblib"), name_text=saved.get("name_text"),
-        knn_fallback=meta["knn_fallback"], lgbm=lgbm,
+        knn_fallback=meta["knn_fallback"], lgbm=lgbm, mlp=mlp,
         features=meta["features"], encodings=joblib.load(out_dir / "target_encoding.joblib"),
         tabular=saved["tabular"], device=device, chunk_size=chunk_size or cfg.chunk_size)
 
@@ -318,15 +334,16 @@ class RowFeatures:
         keys = self._once("keys", lambda: category_keys(self.table, self.cfg.target_encoding_fields))
         return encoding_columns({tag: self.run.encodings[tag] for tag in tags}, keys, self.cfg.target_encoding_m)
 
-    def lgbm(self, head: str, tag: str) -> list[np.ndarray]:
+    def column_models(self, head: str, tag: str) -> list[np.ndarray]:
+        """Per fold model, the predictions of a head on lgbm's columns (LightGBM or the network)."""
         cfg, run = self.cfg, self.run
         targets = {"nb": run.targets["log1p"]} if tag == "log1p" else {"nb": run.targets["log1p"],
                                                                           "nbq": run.targets["per_qty"]}
-        with_te = head_parts(head)[0] == "lgbm" and bool(cfg.target_encoding_fields)
+        with_te = head_parts(head)[0] in ENCODED_HEADS and bool(cfg.target_encoding_fields)
         encodings = self.encodings(("te",) if tag == "log1p" else ("te", "teq")) if with_te else None
         spaces = ["tfidf", *run.sources]
         out = []
-        for m, booster in enumerate(run.lgbm[head]):
+        for m, model in enumerate(run.mlp[head] if head in run.mlp else run.lgbm[head]):
             frame = lgbm_fold_frame(self.lgbm_base, {s: tuple(a[m] for a in self.neighbours(s)) for s in spaces},
                                     targets, cfg.neighbour_k, cfg.distance_eps,
                                     self.ridge_columns(m), None if encodings is None else encodings[m])
@@ -335,7 +352,7 @@ class RowFeatures:
             if missing:
                 raise RunError(f"{head} fold {run.fold_ids[m]}: the model was fitted on columns {missing} that the "
                                f"rows do not give")
-            out.append(booster.predict(frame[columns]))
+            out.append(model.predict(frame[columns]))
         return out
 
     def head(self, head: str) -> np.ndarray:
@@ -346,7 +363,7 @@ class RowFeatures:
         elif base == "knn":
             per_fold = self.knn(tag)
         else:
-            per_fold = self.lgbm(head, tag)
+            per_fold = self.column_models(head, tag)
         per_fold = np.stack(per_fold)
         if tag == "per_qty":  # the row's own log quantity added back
             return np.log1p(np.exp(per_fold + self.offset[None, :]))

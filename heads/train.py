@@ -16,6 +16,7 @@ and each head writes `predictions_dir/<head>/` in the core.predictions format wi
          prediction and target encodings of brand, unit and pack size; the price-based columns of its
          training rows are inner out-of-fold (they never see the scored fold nor the row's own fold)
   lgbm_no_te  the same LightGBM without the target encodings
+  mlp    a small network on lgbm's columns, trained on SMAPE of the price (heads.mlp)
   <head>_per_qty  any head on log(price / quantity), quantity added back in log space; a row without a
          positive quantity keeps log price (offset 0); lgbm_per_qty also reads the neighbours' and the
          encodings' per-quantity prices beside the log price ones
@@ -37,9 +38,10 @@ from heads.config import HEADS, PROFILES, HeadsConfig
 from heads.features import (RIDGE_FEATURES, TfidfText, available_sources, fit_svd, lgbm_base_features,
                             lgbm_fold_frame, name_text, project, row_text, tabular_features)
 from heads.neighbours import neighbour_price_features, train_neighbours
-from heads.predict import (HeadsRun, RowFeatures, SourceFit, TabularFit, fold_encoding_rows, head_parts,
-                           load_row_vectors, quantity_offset, save_run, tabular_values, write_fold_encoding_caches,
-                           write_tabular_cache, write_test_caches)
+from heads.mlp import fit_fold as fit_mlp_fold
+from heads.predict import (ENCODED_HEADS, HeadsRun, RowFeatures, SourceFit, TabularFit, fold_encoding_rows,
+                           head_parts, load_row_vectors, quantity_offset, reads_lgbm_columns, save_run, tabular_values,
+                           write_fold_encoding_caches, write_tabular_cache, write_test_caches)
 from heads.target_encoding import FIELDS as TARGET_ENCODING_FIELDS, category_keys, encoding_columns, fit_statistics
 
 SELECTION = "fixed hyperparameters from the config; no early stopping or model choice on the scored fold"
@@ -64,6 +66,12 @@ def check_config(cfg: HeadsConfig) -> None:
         raise ConfigError(f"ridge_features={','.join(cfg.ridge_features)}: each must be one of {', '.join(RIDGE_FEATURES)}")
     if cfg.lgbm_objective not in ("huber", "l1", "regression"):
         raise ConfigError(f"lgbm_objective={cfg.lgbm_objective!r}: use huber, l1 or regression")
+    for name in ("mlp_hidden", "mlp_epochs", "mlp_batch_size", "mlp_seeds"):
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"{name}={getattr(cfg, name)}: must be at least 1")
+    if not 0 <= cfg.mlp_dropout < 1 or cfg.mlp_learning_rate <= 0 or cfg.mlp_weight_decay < 0:
+        raise ConfigError(f"mlp_dropout={cfg.mlp_dropout}, mlp_learning_rate={cfg.mlp_learning_rate}, mlp_weight_decay="
+                          f"{cfg.mlp_weight_decay}: need 0 <= dropout < 1, learning rate > 0, weight decay >= 0")
 
 
 def search_k(cfg: HeadsConfig, space: str) -> int:
@@ -71,7 +79,7 @@ def search_k(cfg: HeadsConfig, space: str) -> int:
     k = 0
     if any(h.startswith("knn") for h in cfg.heads) and space == cfg.knn_space:
         k = max(k, cfg.knn_k)
-    if any(h.startswith("lgbm") for h in cfg.heads):
+    if any(reads_lgbm_columns(h) for h in cfg.heads):
         k = max(k, cfg.neighbour_k)
     return k
 
@@ -176,7 +184,7 @@ class Inputs:
             spaces = set()
             if any(h.startswith("knn") for h in self.cfg.heads):
                 spaces.add(self.cfg.knn_space)
-            if any(h.startswith("lgbm") for h in self.cfg.heads):
+            if any(reads_lgbm_columns(h) for h in self.cfg.heads):
                 spaces.update(["tfidf", *self.sources])
             return HeadsRun(cfg=self.cfg, fold_ids=self.fold_ids, train_ids=self.train_ids,
                             train_text=row_text(self.train).to_numpy(), folds=self.folds, targets=self.targets,
@@ -337,29 +345,37 @@ def fold_encodings(inputs: Inputs, tag: str) -> list[dict]:
     return encoding_columns({t: run.encodings[t] for t in tags}, keys, cfg.target_encoding_m, inputs.folds)
 
 
-def lgbm_head(inputs: Inputs, tag: str, head: str = "lgbm"):
-    """LightGBM on target `tag`; the per-quantity target is also summarised by the neighbours and the
-    encodings, beside log1p price."""
+def fit_lgbm_fold(x, target, cfg: HeadsConfig):
     import lightgbm as lgb
 
-    cfg, run = inputs.cfg, inputs.run
+    model = lgb.train(lgbm_params(cfg), lgb.Dataset(x, target, free_raw_data=True), num_boost_round=cfg.lgbm_rounds)
+    # the model as saved and loaded (text), so the fit prices rows exactly as a loaded run does
+    return lgb.Booster(model_str=model.model_to_string())
+
+
+def column_head(inputs: Inputs, tag: str, head: str = "lgbm"):
+    """A model on lgbm's columns: LightGBM on target `tag` (lgbm, lgbm_no_te), or the network on SMAPE of
+    the price (mlp). The per-quantity target is also summarised by the neighbours and the encodings,
+    beside log1p price."""
+    cfg, run, base = inputs.cfg, inputs.run, head_parts(head)[0]
     target = inputs.targets[tag]
     base_train = lgbm_shared_features(inputs)
     ridge_features = lgbm_ridge_features(inputs)
-    encodings = fold_encodings(inputs, tag) if head_parts(head)[0] == "lgbm" else []
+    encodings = fold_encodings(inputs, tag) if base in ENCODED_HEADS else []
     targets = {"nb": inputs.y} if tag == "log1p" else {"nb": inputs.y, "nbq": target}
-    oof, boosters, columns = np.zeros(len(target)), [], []
+    oof, models, columns = np.zeros(len(target)), [], []
     for m, f in enumerate(inputs.fold_ids):
         x_train = lgbm_fold_frames(inputs, m, base_train, targets, ridge_features, encodings)
         fit, scored = ~inputs.fold_mask(f), inputs.fold_mask(f)
-        data = lgb.Dataset(x_train[fit], target[fit], free_raw_data=True)
-        model = lgb.train(lgbm_params(cfg), data, num_boost_round=cfg.lgbm_rounds)
-        # the model as saved and loaded (text), so the fit prices rows exactly as a loaded run does
-        model = lgb.Booster(model_str=model.model_to_string())
+        if base == "mlp":
+            model = fit_mlp_fold(x_train[fit], inputs.price[fit], cfg, inputs.device)
+        else:
+            model = fit_lgbm_fold(x_train[fit], target[fit], cfg)
         oof[scored] = model.predict(x_train[scored])
-        boosters.append(model)
+        models.append(model)
         columns.append(list(x_train.columns))
-    run.lgbm[head], run.features[head] = boosters, columns
+    (run.mlp if base == "mlp" else run.lgbm)[head] = models
+    run.features[head] = columns
     return oof, {"features": columns[-1], "embedding_sources": list(inputs.sources)}
 
 
@@ -372,7 +388,7 @@ def head_function(name: str):
     elif base == "knn":
         fit = lambda inputs: knn_head(inputs, tag)
     else:
-        fit = lambda inputs: lgbm_head(inputs, tag, name)
+        fit = lambda inputs: column_head(inputs, tag, name)
     if tag == "log1p":
         return fit
 

@@ -1,0 +1,127 @@
+"""The mlp head: a small network on the LightGBM head's columns, trained on SMAPE of the price itself.
+
+Trees and the network read the same columns (structure, SVD projections, neighbour prices, ridge
+predictions, target encodings, all under the fold rule) but fit them differently, and a network can
+learn the competition's metric directly instead of a loss on log price. On the real rows the two
+errors differ enough that adding this head took the blend's nested figure 0.7 lower (BENCHMARKS.md).
+
+Per fold model: the columns are turned into network inputs with statistics of the fitting rows only
+(each categorical column one-hot on its known levels, a missing value filled with the median plus an
+indicator, then a quantile map to a normal), and `mlp_seeds` networks are trained from different seeds
+and averaged in log space.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+MAX_LOG_PRICE = 20.0  # expm1 stays finite while the first steps wander
+
+
+@dataclass
+class InputTransform:
+    """A fold's columns -> network inputs, fitted on that fold's fitting rows."""
+    numeric: list[str]
+    categories: dict  # {column: [known levels]}: one-hot, an unknown level is all zeros
+    fill: np.ndarray  # the median of each numeric column
+    indicated: np.ndarray  # the numeric columns (indices) that get a missing-value indicator
+    quantiles: object  # sklearn QuantileTransformer
+
+    def _raw(self, frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+        x = frame[self.numeric].to_numpy(dtype=np.float64)
+        missing = np.isnan(x)
+        onehots = [(frame[c].astype(str).to_numpy()[:, None] == np.asarray(levels)[None, :]).astype(np.float64)
+                   for c, levels in self.categories.items()]
+        return np.where(missing, self.fill, x), missing, onehots
+
+    def __call__(self, frame: pd.DataFrame) -> np.ndarray:
+        x, missing, onehots = self._raw(frame)
+        return np.hstack([self.quantiles.transform(x), missing[:, self.indicated].astype(np.float64), *onehots])
+
+    @classmethod
+    def fit(cls, frame: pd.DataFrame, seed: int) -> "InputTransform":
+        from sklearn.preprocessing import QuantileTransformer
+
+        categorical = [c for c in frame.columns if not pd.api.types.is_numeric_dtype(frame[c])]
+        numeric = [c for c in frame.columns if c not in categorical]
+        x = frame[numeric].to_numpy(dtype=np.float64)
+        missing = np.isnan(x)
+        fill = np.nan_to_num(np.nanmedian(np.where(missing.all(axis=0), 0.0, x), axis=0))
+        quantiles = QuantileTransformer(n_quantiles=min(200, len(x)), output_distribution="normal",
+                                        subsample=len(x) + 1, random_state=seed)
+        quantiles.fit(np.where(missing, fill, x))
+        return cls(numeric, {c: sorted(frame[c].astype(str).unique().tolist()) for c in categorical}, fill,
+                   np.flatnonzero(missing.any(axis=0)), quantiles)
+
+
+def build_net(n_inputs: int, hidden: int, dropout: float):
+    import torch.nn as nn
+
+    return nn.Sequential(nn.Dropout(0.05), nn.Linear(n_inputs, hidden), nn.SiLU(), nn.Dropout(dropout),
+                         nn.Linear(hidden, hidden // 2), nn.SiLU(), nn.Dropout(dropout), nn.Linear(hidden // 2, 1))
+
+
+def smape_loss(log_pred, price, floor: float):
+    """Mean SMAPE (0..2) of the prices behind `log_pred` (log1p, floored at `floor`) against `price`."""
+    import torch
+
+    pred = torch.expm1(log_pred.clamp(max=MAX_LOG_PRICE)).clamp_min(floor)
+    return (2 * (pred - price).abs() / (pred + price.abs())).mean()
+
+
+@dataclass
+class MLPFold:
+    """One fold model: the input transform, the centre added to every output, and one state per seed."""
+    transform: InputTransform
+    center: float  # the fitting rows' median log1p price
+    hidden: int
+    dropout: float
+    states: list  # state_dicts (CPU tensors)
+
+    def predict(self, frame: pd.DataFrame) -> np.ndarray:
+        """log1p(price) per row: the mean of the seeds' networks, in float64 so that a row's value does
+        not depend on the rows priced with it."""
+        import torch
+
+        x = torch.from_numpy(self.transform(frame))
+        outs = []
+        with torch.no_grad():
+            for state in self.states:
+                net = build_net(x.shape[1], self.hidden, self.dropout).double()
+                net.load_state_dict(state)
+                net.eval()
+                outs.append(net(x).squeeze(1).numpy())
+        return np.mean(outs, axis=0) + self.center
+
+
+def fit_fold(frame: pd.DataFrame, price: np.ndarray, cfg, device: str = "cpu") -> MLPFold:
+    """Train `cfg.mlp_seeds` networks on the fitting rows' columns `frame` and their prices."""
+    import torch
+
+    transform = InputTransform.fit(frame, cfg.seed)
+    center = float(np.median(np.log1p(price)))
+    floor = float(price.min())
+    x = torch.from_numpy(transform(frame).astype(np.float32)).to(device)
+    target = torch.from_numpy(price.astype(np.float32)).to(device)
+    steps_per_epoch = -(-len(x) // cfg.mlp_batch_size)
+    states = []
+    for s in range(cfg.mlp_seeds):
+        torch.manual_seed(cfg.seed + s)
+        order = torch.Generator().manual_seed(cfg.seed + s)
+        net = build_net(x.shape[1], cfg.mlp_hidden, cfg.mlp_dropout).to(device)
+        opt = torch.optim.AdamW(net.parameters(), lr=cfg.mlp_learning_rate, weight_decay=cfg.mlp_weight_decay)
+        schedule = torch.optim.lr_scheduler.OneCycleLR(opt, cfg.mlp_learning_rate,
+                                                       total_steps=cfg.mlp_epochs * steps_per_epoch)
+        net.train()
+        for _ in range(cfg.mlp_epochs):
+            for batch in torch.randperm(len(x), generator=order).split(cfg.mlp_batch_size):
+                batch = batch.to(device)
+                loss = smape_loss(net(x[batch]).squeeze(1) + center, target[batch], floor)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                schedule.step()
+        states.append({k: v.detach().cpu().double() for k, v in net.state_dict().items()})
+    return MLPFold(transform, center, cfg.mlp_hidden, cfg.mlp_dropout, states)
