@@ -56,7 +56,8 @@ def test_the_input_transform_learns_from_the_fitting_rows_and_prices_each_row_al
 def test_a_fold_model_learns_a_planted_price_and_survives_save_and_load(tmp_path):
     cfg = profile("tiny", mlp_hidden=32, mlp_epochs=30, mlp_seeds=2)
     rows, signal = frame(600, seed=1)
-    price = np.exp(2.0 + 0.8 * signal + 0.3 * (rows.unit == "count").to_numpy() + np.random.default_rng(2).normal(0, 0.05, 600))
+    noise = np.random.default_rng(2).normal(0, 0.05, 600)
+    price = np.exp(2.0 + 0.8 * signal + 0.3 * (rows.unit == "count").to_numpy() + noise)
     fit, scored = np.arange(600) < 480, np.arange(600) >= 480
     model = fit_fold(rows[fit], price[fit], cfg)
     assert len(model.states) == 2
@@ -65,6 +66,7 @@ def test_a_fold_model_learns_a_planted_price_and_survives_save_and_load(tmp_path
     assert smape(price[scored], pred) < 0.35 * constant, (smape(price[scored], pred), constant)
 
     joblib.dump(model, tmp_path / "fold.joblib")
-    np.testing.assert_array_equal(joblib.load(tmp_path / "fold.joblib").predict(rows[scored]), model.predict(rows[scored]))
+    loaded = joblib.load(tmp_path / "fold.joblib")
+    np.testing.assert_array_equal(loaded.predict(rows[scored]), model.predict(rows[scored]))
     again = fit_fold(rows[fit], price[fit], cfg)  # the same seeds give the same networks
     np.testing.assert_array_equal(again.predict(rows[scored]), model.predict(rows[scored]))
