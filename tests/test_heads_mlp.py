@@ -70,3 +70,13 @@ def test_a_fold_model_learns_a_planted_price_and_survives_save_and_load(tmp_path
     np.testing.assert_array_equal(loaded.predict(rows[scored]), model.predict(rows[scored]))
     again = fit_fold(rows[fit], price[fit], cfg)  # the same seeds give the same networks
     np.testing.assert_array_equal(again.predict(rows[scored]), model.predict(rows[scored]))
+
+
+@pytest.mark.parametrize("change", [{"mlp_seeds": 0}, {"mlp_epochs": 0}, {"mlp_dropout": 1.0},
+                                    {"mlp_learning_rate": 0.0}, {"mlp_weight_decay": -1e-3}])
+def test_bad_network_settings_are_refused_by_name(change):
+    from core.config import ConfigError
+    from heads.train import check_config
+
+    with pytest.raises(ConfigError, match=next(iter(change))):
+        check_config(profile("tiny", **change))
