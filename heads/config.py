@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-# every head in two target variants: log price, and `<head>_per_qty` (log price per unit of quantity, the
+# ridge, knn and lgbm in two target variants: log price, and `<head>_per_qty` (log price per unit of quantity, the
 # quantity added back); lgbm_no_te is lgbm without the target encodings, to show what they add; mlp is a network on
 # lgbm's columns, trained on SMAPE of the price
 HEADS = ("ridge", "ridge_per_qty", "knn", "knn_per_qty", "lgbm", "lgbm_per_qty", "lgbm_no_te", "mlp")
@@ -58,7 +58,7 @@ class HeadsConfig:
     lgbm_threads: int = 0  # 0: every core
     # mlp head: lgbm's columns (quantile-mapped) -> hidden -> hidden / 2 -> log1p price, SiLU, AdamW with a one-cycle
     # learning rate, SMAPE of the price as the loss; fixed epochs, no early stopping; mlp_seeds networks averaged.
-    # Settings from a handful tried on the real rows (BENCHMARKS.md)
+    # Settings: the best of about fifteen tried on the real rows (BENCHMARKS.md)
     mlp_hidden: int = 512
     mlp_dropout: float = 0.3
     mlp_epochs: int = 20

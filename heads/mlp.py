@@ -29,16 +29,13 @@ class InputTransform:
     indicated: np.ndarray  # the numeric columns (indices) that get a missing-value indicator
     quantiles: object  # sklearn QuantileTransformer
 
-    def _raw(self, frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+    def __call__(self, frame: pd.DataFrame) -> np.ndarray:
         x = frame[self.numeric].to_numpy(dtype=np.float64)
         missing = np.isnan(x)
         onehots = [(frame[c].astype(str).to_numpy()[:, None] == np.asarray(levels)[None, :]).astype(np.float64)
                    for c, levels in self.categories.items()]
-        return np.where(missing, self.fill, x), missing, onehots
-
-    def __call__(self, frame: pd.DataFrame) -> np.ndarray:
-        x, missing, onehots = self._raw(frame)
-        return np.hstack([self.quantiles.transform(x), missing[:, self.indicated].astype(np.float64), *onehots])
+        return np.hstack([self.quantiles.transform(np.where(missing, self.fill, x)),
+                          missing[:, self.indicated].astype(np.float64), *onehots])
 
     @classmethod
     def fit(cls, frame: pd.DataFrame, seed: int) -> "InputTransform":
