@@ -6,9 +6,9 @@ from pathlib import Path
 
 # ridge, knn and lgbm in two target variants: log price, and `<head>_per_qty` (log price per unit of quantity, the
 # quantity added back); lgbm_no_te is lgbm without the target encodings, to show what they add; mlp is a network on
-# lgbm's columns, trained on SMAPE of the price
-HEADS = ("ridge", "ridge_per_qty", "knn", "knn_per_qty", "lgbm", "lgbm_per_qty", "lgbm_no_te", "mlp")
-DEFAULT_HEADS = ("ridge", "ridge_per_qty", "knn", "knn_per_qty", "lgbm", "lgbm_per_qty", "mlp")
+# lgbm's columns, trained on SMAPE of the price; mlp_dist the same network predicting a distribution over price bins
+HEADS = ("ridge", "ridge_per_qty", "knn", "knn_per_qty", "lgbm", "lgbm_per_qty", "lgbm_no_te", "mlp", "mlp_dist")
+DEFAULT_HEADS = ("ridge", "ridge_per_qty", "knn", "knn_per_qty", "lgbm", "lgbm_per_qty", "mlp", "mlp_dist")
 
 
 @dataclass
@@ -66,6 +66,11 @@ class HeadsConfig:
     mlp_learning_rate: float = 3e-3  # the one-cycle peak
     mlp_weight_decay: float = 1e-2
     mlp_seeds: int = 6
+    # mlp_dist head: the same network and training with one output per bin of log price (bins of equal row counts
+    # on the fitting rows), cross-entropy against labels spread over neighbouring bins by a gaussian of width
+    # mlp_bin_sigma bins; priced at the median of the predicted distribution
+    mlp_bins: int = 40
+    mlp_bin_sigma: float = 1.0
     # a cache of the price-free columns (structure, text counts, TF-IDF SVD) for fusion's tabular source;
     # empty: none
     tabular_source: str = "text_tabular"

@@ -5,6 +5,11 @@ predictions, target encodings, all under the fold rule) but fit them differently
 learn the competition's metric directly instead of a loss on log price. On the real rows the two
 errors differ enough that adding this head took the blend's nested figure 0.7 lower (BENCHMARKS.md).
 
+Its twin `mlp_dist` is the same network with one output per bin of log price (the bins are the fitting
+rows' quantiles), trained on cross-entropy against labels smoothed over neighbouring bins; a row's
+price is the median of the predicted distribution. It is a weaker model alone but sees the price
+as a distribution rather than a point, and the blend gains from it beside the others (BENCHMARKS.md).
+
 Per fold model: the columns are turned into network inputs with statistics of the fitting rows only
 (each categorical column one-hot on its known levels, a missing value filled with the median plus an
 indicator, then a quantile map to a normal), and `mlp_seeds` networks are trained from different seeds
@@ -13,6 +18,7 @@ and averaged in log space.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import pandas as pd
@@ -53,11 +59,11 @@ class InputTransform:
                    np.flatnonzero(missing.any(axis=0)), quantiles)
 
 
-def build_net(n_inputs: int, hidden: int, dropout: float):
+def build_net(n_inputs: int, hidden: int, dropout: float, n_outputs: int = 1):
     import torch.nn as nn
 
     return nn.Sequential(nn.Dropout(0.05), nn.Linear(n_inputs, hidden), nn.SiLU(), nn.Dropout(dropout),
-                         nn.Linear(hidden, hidden // 2), nn.SiLU(), nn.Dropout(dropout), nn.Linear(hidden // 2, 1))
+                         nn.Linear(hidden, hidden // 2), nn.SiLU(), nn.Dropout(dropout), nn.Linear(hidden // 2, n_outputs))
 
 
 def smape_loss(log_pred, price, floor: float):
@@ -68,46 +74,82 @@ def smape_loss(log_pred, price, floor: float):
     return (2 * (pred - price).abs() / (pred + price.abs())).mean()
 
 
+def price_bins(log_price: np.ndarray, bins: int) -> tuple[np.ndarray, np.ndarray]:
+    """(edges, centres) of up to `bins` bins of log1p price holding about equal shares of the fitting
+    rows (fewer where many rows share a price)."""
+    edges = np.unique(np.quantile(log_price, np.linspace(0.0, 1.0, bins + 1)))
+    if len(edges) < 3:
+        raise ValueError(f"mlp_dist: the fitting rows hold {len(edges) - 1} distinct price bin(s); need at least 2")
+    return edges, (edges[:-1] + edges[1:]) / 2
+
+
+def soft_labels(log_price: np.ndarray, edges: np.ndarray, sigma: float) -> np.ndarray:
+    """Per row, a gaussian over bin positions centred on the row's bin (`sigma` in bins), summing to 1."""
+    n_bins = len(edges) - 1
+    own = np.clip(np.searchsorted(edges, log_price, side="right") - 1, 0, n_bins - 1)
+    labels = np.exp(-0.5 * ((np.arange(n_bins)[None, :] - own[:, None]) / sigma) ** 2)
+    return labels / labels.sum(axis=1, keepdims=True)
+
+
+def distribution_median(probs: np.ndarray, centres: np.ndarray) -> np.ndarray:
+    """Per row, the log price where the cumulative probability reaches one half, the cumulative at a bin's
+    centre counting half of that bin's own mass and linear between centres."""
+    at_centres = np.cumsum(probs, axis=1) - probs / 2
+    return np.array([np.interp(0.5, c, centres) for c in at_centres])
+
+
 @dataclass
 class MLPFold:
-    """One fold model: the input transform, the centre added to every output, and one state per seed."""
+    """One fold model: the input transform, the centre added to every output, and one state per seed.
+    A distribution model (mlp_dist) also keeps its bin centres; its outputs are bin logits."""
     transform: InputTransform
     center: float  # the fitting rows' median log1p price
     hidden: int
     dropout: float
     states: list  # state_dicts (CPU tensors)
+    centres: Optional[np.ndarray] = None  # log1p price of each bin's centre (mlp_dist); None: one output
 
     def predict(self, frame: pd.DataFrame) -> np.ndarray:
-        """log1p(price) per row: the mean of the seeds' networks, in float64 so that a row's value does
-        not depend on the rows priced with it."""
+        """log1p(price) per row: the mean of the seeds' networks (mlp_dist: the median of the seeds' mean
+        distribution), in float64 so that a row's value does not depend on the rows priced with it."""
         import torch
 
         x = torch.from_numpy(self.transform(frame))
+        n_outputs = 1 if self.centres is None else len(self.centres)
         outs = []
         with torch.no_grad():
             for state in self.states:
-                net = build_net(x.shape[1], self.hidden, self.dropout).double()
+                net = build_net(x.shape[1], self.hidden, self.dropout, n_outputs).double()
                 net.load_state_dict(state)
                 net.eval()
-                outs.append(net(x).squeeze(1).numpy())
-        return np.mean(outs, axis=0) + self.center
+                out = net(x)
+                outs.append(out.squeeze(1).numpy() if self.centres is None else torch.softmax(out, dim=1).numpy())
+        if self.centres is None:
+            return np.mean(outs, axis=0) + self.center
+        return distribution_median(np.mean(outs, axis=0), self.centres)
 
 
-def fit_fold(frame: pd.DataFrame, price: np.ndarray, cfg, device: str = "cpu") -> MLPFold:
-    """Train `cfg.mlp_seeds` networks on the fitting rows' columns `frame` and their prices."""
+def fit_fold(frame: pd.DataFrame, price: np.ndarray, cfg, device: str = "cpu", distribution: bool = False) -> MLPFold:
+    """Train `cfg.mlp_seeds` networks on the fitting rows' columns `frame` and their prices: on SMAPE of
+    the price, or (`distribution`) on cross-entropy over `cfg.mlp_bins` bins of log price."""
     import torch
 
     transform = InputTransform.fit(frame, cfg.seed)
     center = float(np.median(np.log1p(price)))
     floor = float(price.min())
     x = torch.from_numpy(transform(frame).astype(np.float32)).to(device)
-    target = torch.from_numpy(price.astype(np.float32)).to(device)
+    centres = None
+    if distribution:
+        edges, centres = price_bins(np.log1p(price), cfg.mlp_bins)
+        target = torch.from_numpy(soft_labels(np.log1p(price), edges, cfg.mlp_bin_sigma).astype(np.float32)).to(device)
+    else:
+        target = torch.from_numpy(price.astype(np.float32)).to(device)
     steps_per_epoch = -(-len(x) // cfg.mlp_batch_size)
     states = []
     for s in range(cfg.mlp_seeds):
         torch.manual_seed(cfg.seed + s)
         order = torch.Generator().manual_seed(cfg.seed + s)
-        net = build_net(x.shape[1], cfg.mlp_hidden, cfg.mlp_dropout).to(device)
+        net = build_net(x.shape[1], cfg.mlp_hidden, cfg.mlp_dropout, 1 if centres is None else len(centres)).to(device)
         opt = torch.optim.AdamW(net.parameters(), lr=cfg.mlp_learning_rate, weight_decay=cfg.mlp_weight_decay)
         schedule = torch.optim.lr_scheduler.OneCycleLR(opt, cfg.mlp_learning_rate,
                                                        total_steps=cfg.mlp_epochs * steps_per_epoch)
@@ -115,10 +157,14 @@ def fit_fold(frame: pd.DataFrame, price: np.ndarray, cfg, device: str = "cpu") -
         for _ in range(cfg.mlp_epochs):
             for batch in torch.randperm(len(x), generator=order).split(cfg.mlp_batch_size):
                 batch = batch.to(device)
-                loss = smape_loss(net(x[batch]).squeeze(1) + center, target[batch], floor)
+                out = net(x[batch])
+                if centres is None:
+                    loss = smape_loss(out.squeeze(1) + center, target[batch], floor)
+                else:
+                    loss = -(target[batch] * torch.log_softmax(out, dim=1)).sum(dim=1).mean()
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
                 schedule.step()
         states.append({k: v.detach().cpu().double() for k, v in net.state_dict().items()})
-    return MLPFold(transform, center, cfg.mlp_hidden, cfg.mlp_dropout, states)
+    return MLPFold(transform, center, cfg.mlp_hidden, cfg.mlp_dropout, states, centres)

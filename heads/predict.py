@@ -43,8 +43,9 @@ RUN_FILE = "run.json"
 ROWS_PER_CHUNK = 8192  # rows priced at once by the script (the neighbour search has its own chunk_size)
 # the train target each head learns: log1p(price), or log(price / quantity) for the per-quantity twins
 TARGETS = ("log1p", "per_qty")
-COLUMN_HEADS = ("lgbm", "lgbm_no_te", "mlp")  # heads on lgbm's columns (structure, SVDs, neighbour prices, ridge)
-ENCODED_HEADS = ("lgbm", "mlp")  # those of them that also read the target encodings
+COLUMN_HEADS = ("lgbm", "lgbm_no_te", "mlp", "mlp_dist")  # heads on lgbm's columns (structure, SVDs, neighbour prices, ridge)
+ENCODED_HEADS = ("lgbm", "mlp", "mlp_dist")  # those of them that also read the target encodings
+NETWORK_HEADS = ("mlp", "mlp_dist")  # those of them that are networks (heads.mlp), the rest LightGBM
 
 
 class RunError(PipelineError, RuntimeError):

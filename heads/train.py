@@ -17,6 +17,7 @@ and each head writes `predictions_dir/<head>/` in the core.predictions format wi
          training rows are inner out-of-fold (they never see the scored fold nor the row's own fold)
   lgbm_no_te  the same LightGBM without the target encodings
   mlp    a small network on lgbm's columns, trained on SMAPE of the price (heads.mlp)
+  mlp_dist  the same network predicting a distribution over bins of log price, priced at its median
   <head>_per_qty  any head on log(price / quantity), quantity added back in log space; a row without a
          positive quantity keeps log price (offset 0); lgbm_per_qty also reads the neighbours' and the
          encodings' per-quantity prices beside the log price ones
@@ -39,7 +40,7 @@ from heads.features import (RIDGE_FEATURES, TfidfText, available_sources, fit_sv
                             lgbm_fold_frame, name_text, project, row_text, tabular_features)
 from heads.neighbours import neighbour_price_features, train_neighbours
 from heads.mlp import fit_fold as fit_mlp_fold
-from heads.predict import (ENCODED_HEADS, HeadsRun, RowFeatures, SourceFit, TabularFit, fold_encoding_rows,
+from heads.predict import (ENCODED_HEADS, NETWORK_HEADS, HeadsRun, RowFeatures, SourceFit, TabularFit, fold_encoding_rows,
                            head_parts, load_row_vectors, quantity_offset, reads_lgbm_columns, save_run, tabular_values,
                            write_fold_encoding_caches, write_tabular_cache, write_test_caches)
 from heads.target_encoding import FIELDS as TARGET_ENCODING_FIELDS, category_keys, encoding_columns, fit_statistics
@@ -72,6 +73,9 @@ def check_config(cfg: HeadsConfig) -> None:
     if not 0 <= cfg.mlp_dropout < 1 or cfg.mlp_learning_rate <= 0 or cfg.mlp_weight_decay < 0:
         raise ConfigError(f"mlp_dropout={cfg.mlp_dropout}, mlp_learning_rate={cfg.mlp_learning_rate}, mlp_weight_decay="
                           f"{cfg.mlp_weight_decay}: need 0 <= dropout < 1, learning rate > 0, weight decay >= 0")
+    if cfg.mlp_bins < 2 or cfg.mlp_bin_sigma <= 0:
+        raise ConfigError(f"mlp_bins={cfg.mlp_bins}, mlp_bin_sigma={cfg.mlp_bin_sigma}: need at least 2 bins and a "
+                          "positive label width")
 
 
 def search_k(cfg: HeadsConfig, space: str) -> int:
@@ -354,8 +358,8 @@ def fit_lgbm_fold(x, target, cfg: HeadsConfig):
 
 
 def column_head(inputs: Inputs, tag: str, head: str = "lgbm"):
-    """A model on lgbm's columns: LightGBM on target `tag` (lgbm, lgbm_no_te), or the network on SMAPE of
-    the price (mlp). The per-quantity target is also summarised by the neighbours and the encodings,
+    """A model on lgbm's columns: LightGBM on target `tag` (lgbm, lgbm_no_te), or a network on SMAPE of
+    the price (mlp) or on a distribution over price bins (mlp_dist). The per-quantity target is also summarised by the neighbours and the encodings,
     beside log1p price."""
     cfg, run, base = inputs.cfg, inputs.run, head_parts(head)[0]
     target = inputs.targets[tag]
@@ -367,14 +371,14 @@ def column_head(inputs: Inputs, tag: str, head: str = "lgbm"):
     for m, f in enumerate(inputs.fold_ids):
         x_train = lgbm_fold_frames(inputs, m, base_train, targets, ridge_features, encodings)
         fit, scored = ~inputs.fold_mask(f), inputs.fold_mask(f)
-        if base == "mlp":
-            model = fit_mlp_fold(x_train[fit], inputs.price[fit], cfg, inputs.device)
+        if base in NETWORK_HEADS:
+            model = fit_mlp_fold(x_train[fit], inputs.price[fit], cfg, inputs.device, distribution=base == "mlp_dist")
         else:
             model = fit_lgbm_fold(x_train[fit], target[fit], cfg)
         oof[scored] = model.predict(x_train[scored])
         models.append(model)
         columns.append(list(x_train.columns))
-    (run.mlp if base == "mlp" else run.lgbm)[head] = models
+    (run.mlp if base in NETWORK_HEADS else run.lgbm)[head] = models
     run.features[head] = columns
     return oof, {"features": columns[-1], "embedding_sources": list(inputs.sources)}
 

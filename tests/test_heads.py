@@ -171,12 +171,12 @@ def test_each_head_learns_the_planted_signal_and_writes_predictions(tmp_path):
     train_df, test_df = planted_tables()
     write_text_cache(tmp_path / "embeddings", train_df, test_df)  # and one cache skipped upstream
     mark_source_skipped(tmp_path / "embeddings", "img", "no usable image")
-    cfg, results = run_heads(tmp_path, train_df, test_df, heads="ridge,knn,lgbm,mlp",
+    cfg, results = run_heads(tmp_path, train_df, test_df, heads="ridge,knn,lgbm,mlp,mlp_dist",
                              embedding_sources=["txt", "img", "absent"])
 
     baseline = constant_median_smape(train_df)
     assert baseline > 45
-    margins = {"ridge": 0.6, "knn": 0.8, "lgbm": 0.5, "mlp": 0.5}  # OOF SMAPE must be below this share of the baseline
+    margins = {"ridge": 0.6, "knn": 0.8, "lgbm": 0.5, "mlp": 0.5, "mlp_dist": 0.5}  # OOF SMAPE must be below this share of the baseline
     for head, share in margins.items():
         preds = read_predictions(cfg.predictions_dir, head)
         assert preds.meta["oof_kind"] == "out_of_fold" and "scored fold" in preds.meta["selection"]
@@ -205,8 +205,8 @@ def test_duplicates_in_the_same_fold_do_not_leak_their_price(tmp_path):
     # copies in the same fold: a row's only informative neighbour is its copy, which must stay unseen
     train_df, test_df = duplicate_pair_tables(same_fold=True)
     baseline = constant_median_smape(train_df)
-    _, results = run_heads(tmp_path / "same", train_df, test_df, heads="ridge,knn,lgbm,mlp", knn_k=1)
-    for head in ("ridge", "knn", "lgbm", "mlp"):
+    _, results = run_heads(tmp_path / "same", train_df, test_df, heads="ridge,knn,lgbm,mlp,mlp_dist", knn_k=1)
+    for head in ("ridge", "knn", "lgbm", "mlp", "mlp_dist"):
         assert results[head]["oof_smape"] > 0.8 * baseline, f"{head} reached {results[head]['oof_smape']:.1f}"
 
 
