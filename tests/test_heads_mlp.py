@@ -114,3 +114,15 @@ def test_bad_network_settings_are_refused_by_name(change):
 
     with pytest.raises(ConfigError, match=next(iter(change))):
         check_config(profile("tiny", **change))
+
+
+def test_a_fold_model_saved_before_the_distribution_head_still_loads_and_prices(tmp_path):
+    cfg = profile("tiny", mlp_hidden=16, mlp_epochs=2, mlp_seeds=1)
+    rows, signal = frame(200, seed=3)
+    model = fit_fold(rows, np.exp(2.0 + signal), cfg)
+    expected = model.predict(rows)
+    del model.__dict__["centres"]  # what a fold model pickled before `centres` existed holds
+    joblib.dump(model, tmp_path / "old.joblib")
+    loaded = joblib.load(tmp_path / "old.joblib")
+    assert loaded.centres is None
+    np.testing.assert_array_equal(loaded.predict(rows), expected)
