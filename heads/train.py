@@ -359,8 +359,8 @@ def fit_lgbm_fold(x, target, cfg: HeadsConfig):
 
 def column_head(inputs: Inputs, tag: str, head: str = "lgbm"):
     """A model on lgbm's columns: LightGBM on target `tag` (lgbm, lgbm_no_te), or a network on SMAPE of
-    the price (mlp) or on a distribution over price bins (mlp_dist). The per-quantity target is also summarised by the neighbours and the encodings,
-    beside log1p price."""
+    the price (mlp) or on a distribution over price bins (mlp_dist). The per-quantity target is also
+    summarised by the neighbours and the encodings, beside log1p price."""
     cfg, run, base = inputs.cfg, inputs.run, head_parts(head)[0]
     target = inputs.targets[tag]
     base_train = lgbm_shared_features(inputs)
