@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from core.errors import PipelineError
-from core.io import atomic_save, read_json, write_json
+from core.io import atomic_save, read_json, remove_stale_temps, write_json
 
 MODALITIES = ("image", "text", "tabular")
 
@@ -82,7 +82,7 @@ class EmbeddingCacheWriter:
                 shutil.rmtree(self.dir)  # made from other inputs: start afresh
         if rank == 0:
             (self.dir / "chunks").mkdir(parents=True, exist_ok=True)
-            np.save(self.dir / "sample_ids.npy", self.ids)
+            atomic_save(lambda tmp: np.save(tmp, self.ids), self.dir / "sample_ids.npy")
             write_json(meta_path, self.meta)
 
     @property
@@ -119,7 +119,7 @@ class EmbeddingCacheWriter:
             bad = start + int(np.flatnonzero(~np.isfinite(vectors).all(1))[0])
             raise CacheError(f"{self.dir}: non-finite embedding for sample_id {self.ids[bad]} (row {bad})")
         (self.dir / "chunks").mkdir(parents=True, exist_ok=True)
-        atomic_save(lambda tmp: np.savez(open(tmp, "wb"), vectors=vectors.astype(self.dtype), present=present),
+        atomic_save(lambda tmp: np.savez(tmp, vectors=vectors.astype(self.dtype), present=present),
                     self._chunk_path(chunk))
 
     def finalize(self, extra_meta: dict | None = None) -> Path:
@@ -129,18 +129,23 @@ class EmbeddingCacheWriter:
         missing = [c for c in range(self.n_chunks) if not self._chunk_path(c).exists()]
         if missing:
             raise CacheError(f"{self.dir}: cannot finalize, {len(missing)} chunk(s) missing (first: {missing[0]})")
-        out = np.lib.format.open_memmap(self.dir / ".embeddings.npy.tmp", mode="w+", dtype=self.dtype,
-                                        shape=(len(self.ids), self.dim))
         present = np.zeros(len(self.ids), bool)
-        for chunk in range(self.n_chunks):
-            with np.load(self._chunk_path(chunk)) as z:
-                start = chunk * self.chunk_size
-                out[start:start + len(z["vectors"])] = z["vectors"]
-                present[start:start + len(z["vectors"])] = z["present"]
-        out.flush()
-        del out
-        (self.dir / ".embeddings.npy.tmp").replace(self.dir / "embeddings.npy")
-        atomic_save(lambda tmp: np.save(open(tmp, "wb"), present), self.dir / "present.npy")
+
+        def write_embeddings(tmp: Path) -> None:
+            # written front to back, not through a memory map: a full disk is then an OSError, not a SIGBUS
+            header = {"descr": np.lib.format.dtype_to_descr(np.dtype(self.dtype)), "fortran_order": False,
+                      "shape": (len(self.ids), self.dim)}
+            with open(tmp, "wb") as f:
+                np.lib.format.write_array_header_1_0(f, header)
+                for chunk in range(self.n_chunks):
+                    with np.load(self._chunk_path(chunk)) as z:
+                        start = chunk * self.chunk_size
+                        f.write(np.ascontiguousarray(z["vectors"], dtype=self.dtype).tobytes())
+                        present[start:start + len(z["vectors"])] = z["present"]
+
+        remove_stale_temps(self.dir / "embeddings.npy")  # an extraction killed while finalizing left one
+        atomic_save(write_embeddings, self.dir / "embeddings.npy")
+        atomic_save(lambda tmp: np.save(tmp, present), self.dir / "present.npy")
         shutil.rmtree(self.dir / "chunks", ignore_errors=True)
         self.meta.update(extra_meta or {}, complete=True, rows_missing_input=int((~present).sum()))
         write_json(self.dir / "meta.json", self.meta)

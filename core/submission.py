@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from core.errors import PipelineError
-from core.io import atomic_write_text, escaped, undecodable_bytes
+from core.io import atomic_save, atomic_write_text, escaped, undecodable_bytes
 
 HEADER = ["sample_id", "price"]
 BOM = "\ufeff"
@@ -174,16 +174,18 @@ def write_submission(path: Path, sample_ids, prices, test_csv: Path | None = Non
     writer.writerow(HEADER)
     for sid, price in zip(sample_ids, prices):
         writer.writerow([sid, repr(float(price))])
-    path = Path(path)
-    if test_csv is not None or test_ids is not None:
-        tmp = path.with_name(f".{path.name}.check")
-        tmp.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(buf.getvalue(), encoding="utf-8")
-        try:
-            problems = check_submission(tmp, test_csv, test_ids=test_ids, strict=True)
-        finally:
-            tmp.unlink(missing_ok=True)
+    path, text = Path(path), buf.getvalue()
+    if test_csv is None and test_ids is None:
+        atomic_write_text(path, text)
+        return path
+
+    def write_checked(tmp: Path) -> None:
+        # the very file that is moved into place is the one checked
+        tmp.write_text(text, encoding="utf-8")
+        problems = check_submission(tmp, test_csv, test_ids=test_ids, strict=True)
         if problems:
-            raise SubmissionError(f"refusing to write {path}:\n  " + "\n  ".join(problems))
-    atomic_write_text(path, buf.getvalue())
+            raise SubmissionError(f"refusing to write {path}:\n  "
+                                  + "\n  ".join(p.replace(str(tmp), str(path)) for p in problems))
+
+    atomic_save(write_checked, path)
     return path

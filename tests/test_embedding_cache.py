@@ -1,5 +1,7 @@
 """The embedding cache contract: chunked writes, resume to the same bytes, loud failures on read."""
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -106,3 +108,25 @@ def test_sharded_writers_merge_in_order(tmp_path):
     writers[0].finalize()
     cached = load_embeddings(tmp_path, "src", "train")
     np.testing.assert_allclose(cached.values, encode(IDS), atol=1e-2)
+
+
+def test_a_dead_writers_temporary_file_is_removed_and_a_live_ones_kept(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        writer = EmbeddingCacheWriter(tmp_path, "src", "train", IDS, dim=6, modality="image", model="m", chunk_size=4)
+        for chunk, start, stop in writer.pending_chunks():
+            writer.write_chunk(chunk, encode(IDS[start:stop]))
+        stale = writer.dir / f".embeddings.npy.{dead.pid}-k2j4x9q1.tmp.npy"  # an extraction killed while finalizing
+        busy = writer.dir / f".embeddings.npy.{live.pid}-p0z8m3n5.tmp.npy"  # another writer, still at work
+        stale.write_bytes(b"half an array")
+        busy.write_bytes(b"half an array")
+        writer.finalize()
+        assert not stale.exists() and busy.exists()
+    finally:
+        live.kill()
+        live.wait()
+    np.testing.assert_array_equal(load_embeddings(tmp_path, "src", "train").values, encode(IDS).astype(np.float16))
+    assert sorted(p.name for p in writer.dir.iterdir() if p != busy) == ["embeddings.npy", "meta.json", "present.npy",
+                                                                         "sample_ids.npy"]

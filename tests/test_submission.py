@@ -147,3 +147,13 @@ def test_non_utf8_test_csv_names_file_line_and_id(tmp_path):
     pred = write_bytes(tmp_path, b"sample_id,price\n1,1\n2,1\n")
     with pytest.raises(SubmissionError, match=r"UTF-8.*\n  test.csv line 4 \(sample_id 2\): byte\(s\) \\xe9"):
         check_submission(pred, test_csv)
+
+
+def test_a_refused_submission_names_its_path_and_leaves_no_temporary_file(tmp_path, test_csv):
+    out = tmp_path / "out" / "test_out.csv"
+    with pytest.raises(SubmissionError) as refused:
+        write_submission(out, [1, 2], [1.0, 2.0], test_csv=test_csv)
+    assert str(refused.value) == f"refusing to write {out}:\n  {out}: test ids missing: sample_id 3"
+    assert list(out.parent.iterdir()) == []
+    write_submission(out, [1, 2, 3], [1.0, 2.0, 3.0], test_csv=test_csv)
+    assert [p.name for p in out.parent.iterdir()] == ["test_out.csv"]
