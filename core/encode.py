@@ -1,13 +1,13 @@
 """Batched, resumable encoding into the embedding cache, shared by every encoder stage.
 
-Images are decoded and transformed in DataLoader worker processes; the encoder runs batched
-under autocast on the GPU. Rows are visited in the order of the cache's pending chunks, and a
-chunk is written as soon as all its rows are encoded, so a killed extraction loses at most one
-chunk of work.
+Images are the bounded copies `data.prepare` wrote (it decoded each original once); here they
+are decoded and transformed in DataLoader worker processes, and the encoder runs batched under
+autocast on the GPU. Rows are visited in the order of the cache's pending chunks, and a chunk is
+written as soon as all its rows are encoded, so a killed extraction loses at most one chunk of work.
 
-An image that `data.prepare` accepted but that no longer decodes is never silent: it is masked
+A copy that `data.prepare` wrote but that no longer decodes is never silent: it is masked
 (present=False, blank pixels) like a missing image, counted, and logged with its sample_id and the
-reason (`DecodeFailures`, `find_undecodable`).
+reason (`DecodeFailures`).
 """
 from __future__ import annotations
 
@@ -66,29 +66,6 @@ class DecodeFailures:
         return len(self.reasons)
 
 
-class _DecodeCheck(torch.utils.data.Dataset):
-    def __init__(self, paths, rows):
-        self.paths, self.rows = list(paths), np.asarray(rows, int)
-
-    def __len__(self):
-        return len(self.rows)
-
-    def __getitem__(self, k):
-        i = int(self.rows[k])
-        return i, decode_failure(self.paths[i]) or ""
-
-
-def find_undecodable(paths, has_image, num_workers: int = 0, rank: int = 0, world_size: int = 1) -> dict[int, str]:
-    """{row: reason} for rows marked has_image whose file does not decode. Decodes in `num_workers`
-    processes; under torchrun each rank checks rows rank::world_size (gather the dicts)."""
-    rows = np.flatnonzero(np.asarray(has_image, bool))[rank::world_size]
-    if len(rows) == 0:
-        return {}
-    loader = torch.utils.data.DataLoader(_DecodeCheck(paths, rows), batch_size=64, num_workers=num_workers,
-                                         collate_fn=list)
-    return {i: reason for batch in loader for i, reason in batch if reason}
-
-
 def describe_failures(reasons: dict[int, str], sample_ids, examples: int = 5) -> str:
     """'N image(s) failed to decode and are masked, e.g. id (reason), ...' for a log line."""
     ids = np.asarray(sample_ids)
@@ -98,11 +75,13 @@ def describe_failures(reasons: dict[int, str], sample_ids, examples: int = 5) ->
 
 def image_loader(paths, has_image, transform, image_size, batch_size, num_workers, device, shuffle=False,
                  drop_last=False, sampler=None, seed: int = 0):
+    """Batches of (pixels, present, row) from the bounded copies data.prepare wrote; the workers stay
+    up between epochs (a loader iterated again does not pay their start-up)."""
     dataset = ImageRows(paths, has_image, transform, image_size)
     generator = torch.Generator().manual_seed(seed)
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None,
                                        sampler=sampler, num_workers=num_workers, pin_memory=device.type == "cuda",
-                                       drop_last=drop_last, persistent_workers=False, generator=generator)
+                                       drop_last=drop_last, persistent_workers=num_workers > 0, generator=generator)
 
 
 def fill_cache(writer: EmbeddingCacheWriter, batches, desc: str) -> int:

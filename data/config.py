@@ -10,10 +10,14 @@ from typing import Optional
 class PrepareConfig:
     raw_dir: Path = Path("data/raw")  # holds train.csv and test.csv in the competition format
     out_dir: Path = Path("checkpoints/data")  # train.parquet, test.parquet, parse report, sidecar
-    image_dir: Optional[Path] = None  # image cache; default out_dir/images
+    image_dir: Optional[Path] = None  # the only folder local image links may be read from; default raw_dir
+    image_cache_dir: Optional[Path] = None  # bounded image copies every image stage reads; default out_dir/images
+    image_side: int = 448  # shortest side of the copies in pixels: enough for CLIP at 224 and SigLIP at 384
+    max_image_bytes: int = 20_000_000  # a larger image file or download is refused
+    allow_private_image_hosts: bool = False  # true: fetch from loopback and private-network hosts too
     download_images: bool = True  # false: use only images already cached or on local paths
-    download_workers: int = 32  # parallel downloads; the work is network-bound
-    timeout_s: float = 10.0  # per image, connection and whole transfer
+    download_workers: int = 32  # parallel downloads and decodes; the work is mostly network-bound
+    timeout_s: float = 10.0  # per image: the whole fetch, redirects included
     retries: int = 2  # extra attempts on timeouts and 5xx (never on 404 or corrupt files)
     retry_failed: bool = False  # re-try links that failed in an earlier run
     n_folds: int = 5  # folds for k-fold; every later stage reads this column and nothing else to split

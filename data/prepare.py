@@ -6,6 +6,12 @@
 Reads DIR/train.csv and DIR/test.csv (`sample_id, catalog_content, image_link[, price]`) and
 writes out_dir/train.parquet, out_dir/test.parquet, out_dir/parse_report.json and the sidecar
 out_dir/prepare.json. Every later stage splits by the `fold` column written here.
+
+Each usable image is decoded here once, into a bounded copy under out_dir/images/ (see
+data.images); the tables' `image_path` points at the copy, so no later stage opens the original.
+Local image links are read only inside `image_dir` (default: raw_dir); prepare.json records that
+folder and each split's share of rows without a usable image, so scoring can resolve new rows'
+links the same way and compare.
 """
 from __future__ import annotations
 
@@ -25,7 +31,7 @@ from core.runtime import progress, setup_logging
 from core.tables import META_FILE
 from data.catalog import model_text, normalise_unit, parse_catalog, structural_features
 from data.config import PREPARE_PROFILES, PrepareConfig
-from data.images import fetch_images
+from data.images import fetch_images, reason_of
 
 REQUIRED = ["sample_id", "catalog_content", "image_link"]
 NOT_UTF8_HINT = "(the file is not UTF-8: it was probably saved as Latin-1 or Windows-1252; save it as UTF-8)"
@@ -63,8 +69,8 @@ def competition_records(path: Path, with_price: bool, problems: list[str], warn_
         start = reader.line_num + 1
         for row in reader:
             line, start = start, reader.line_num + 1
-            sid = (row.get("sample_id") or "").strip()
-            where = f"{path.name} line {line} (sample_id {escaped(sid) or '?'})"
+            sid = row.get("sample_id") or ""
+            where = f"{path.name} line {line} (sample_id {escaped(sid.strip()) or '?'})"
             not_utf8 = [c for c in header if isinstance(row.get(c), str) and undecodable_bytes(row[c])]
             if not_utf8:
                 shown = undecodable_bytes("".join(row[c] for c in not_utf8))
@@ -73,8 +79,12 @@ def competition_records(path: Path, with_price: bool, problems: list[str], warn_
             if None in row or any(row.get(c) is None for c in needed):
                 problems.append(f"{where}: expected {len(header)} fields, got a different number")
                 continue
-            if not sid:
+            if not sid.strip():
                 problems.append(f"{where}, column 'sample_id': empty")
+                continue
+            if sid != sid.strip():  # an id is kept exactly as written, so spaces would make a different id
+                problems.append(f"{where}, column 'sample_id': {escaped(sid)!r} has surrounding spaces; "
+                                f"remove them (ids are kept exactly as written)")
                 continue
             if sid in first_line:
                 problems.append(f"{where}, column 'sample_id': duplicate of line {first_line[sid]}")
@@ -150,6 +160,26 @@ def parse_rows(df: pd.DataFrame) -> pd.DataFrame:
     return pd.concat([df.reset_index(drop=True), pd.DataFrame(rows)], axis=1)
 
 
+def image_root(cfg: PrepareConfig) -> Path:
+    """The folder local image links are read from (and confined to), absolute."""
+    return Path(cfg.image_dir or cfg.raw_dir).resolve()
+
+
+def resolve_images(links, cfg: PrepareConfig, copies_dir: Path, root: Path, reuse_dirs=()) -> tuple[dict, int]:
+    """`fetch_images` under the data stage's settings: every link to a bounded copy in `copies_dir`
+    (or a reason), local links read inside `root`, copies in `reuse_dirs` used where they lie."""
+    return fetch_images(links, copies_dir, root, download=cfg.download_images, workers=cfg.download_workers,
+                        timeout_s=cfg.timeout_s, retries=cfg.retries, retry_failed=cfg.retry_failed,
+                        max_bytes=cfg.max_image_bytes, allow_private_hosts=cfg.allow_private_image_hosts,
+                        side=cfg.image_side, reuse_dirs=reuse_dirs)
+
+
+def image_summary(df: pd.DataFrame) -> tuple[float, dict[str, int]]:
+    """(share of rows without a usable image, {reason: rows}) for one table."""
+    unusable = df.loc[~df["has_image"], "image_status"].map(reason_of)
+    return (len(unusable) / len(df) if len(df) else 0.0), dict(Counter(unusable).most_common())
+
+
 def attach_images(df: pd.DataFrame, results: dict) -> None:
     """The image columns every later stage reads, from `fetch_images`' result per link."""
     df["image_path"] = [results[link].path or "" for link in df["image_link"]]
@@ -182,6 +212,10 @@ def _fingerprint(path: Path) -> dict:
     return {"file": Path(path).name, "sha1": file_digest(path)}
 
 
+def empty_texts(df: pd.DataFrame) -> int:
+    return int(df["catalog_content"].fillna("").str.strip().eq("").sum())
+
+
 def parse_report(train: pd.DataFrame, test: pd.DataFrame) -> dict:
     report = {}
     for name, df in (("train", train), ("test", test)):
@@ -191,6 +225,7 @@ def parse_report(train: pd.DataFrame, test: pd.DataFrame) -> dict:
             "rows_per_unit": dict(Counter(df["unit"]).most_common()),
             "rows_per_unit_as_written": dict(Counter(df["unit_raw"]).most_common(30)),
             "rows_without_value": int(df["value"].isna().sum()),
+            "empty_catalog_content": empty_texts(df),
             "rows_without_unit": int((df["unit"] == "none").sum()),
             "unknown_units": dict(Counter(unknown).most_common()),
             "images_missing": int((~df["has_image"]).sum()),
@@ -205,13 +240,21 @@ def main(cfg: PrepareConfig) -> dict:
     train_csv, test_csv = Path(cfg.raw_dir) / "train.csv", Path(cfg.raw_dir) / "test.csv"
     inputs = [_fingerprint(p) for p in (train_csv, test_csv) if p.exists()]
     meta_path = out_dir / META_FILE
+    copies_dir = Path(cfg.image_cache_dir) if cfg.image_cache_dir else out_dir / "images"
     if meta_path.exists() and not cfg.force:
         meta = read_json(meta_path)
-        if meta.get("complete") and meta.get("config") == to_dict(cfg) and meta.get("inputs") == inputs:
+        if (meta.get("complete") and meta.get("config") == to_dict(cfg) and meta.get("inputs") == inputs
+                and copies_dir.is_dir()):  # the tables point into the copies: without them, make them again
             log.info("%s is complete for this config and these inputs; nothing to do (force=true reruns)", out_dir)
             return meta
     if cfg.n_folds < 2 or not 0 <= cfg.holdout_fold < cfg.n_folds:
         raise DataValidationError(f"need n_folds >= 2 and 0 <= holdout_fold < n_folds, got {cfg.n_folds}, {cfg.holdout_fold}")
+    if cfg.image_side < 1 or cfg.max_image_bytes < 1:
+        raise DataValidationError(f"need image_side >= 1 and max_image_bytes >= 1, "
+                                  f"got {cfg.image_side}, {cfg.max_image_bytes}")
+    root = image_root(cfg)
+    if cfg.image_dir is not None and not root.is_dir():
+        raise DataValidationError(f"image_dir={cfg.image_dir}: not a folder (local image links are read from it)")
 
     for path in (train_csv, test_csv):
         if not path.exists():
@@ -228,16 +271,21 @@ def main(cfg: PrepareConfig) -> dict:
 
     train, test = parse_rows(train), parse_rows(test)
 
-    image_dir = Path(cfg.image_dir) if cfg.image_dir else out_dir / "images"
     links = pd.concat([train["image_link"], test["image_link"]]).tolist()
-    results, downloaded = fetch_images(links, image_dir, Path(cfg.raw_dir), download=cfg.download_images,
-                                       workers=cfg.download_workers, timeout_s=cfg.timeout_s,
-                                       retries=cfg.retries, retry_failed=cfg.retry_failed)
+    results, downloaded = resolve_images(links, cfg, copies_dir, root)
     for df in (train, test):
         attach_images(df, results)
-    log.info("images: %d downloaded now, %d usable, %d missing", downloaded,
+    images = {name: image_summary(df) for name, df in (("train", train), ("test", test))}
+    log.info("images: %d downloaded now, %d usable, %d unusable; local links read inside %s", downloaded,
              int(train["has_image"].sum() + test["has_image"].sum()),
-             int((~train["has_image"]).sum() + (~test["has_image"]).sum()))
+             int((~train["has_image"]).sum() + (~test["has_image"]).sum()), root)
+    for name, (share, reasons) in images.items():
+        if reasons:
+            log.info("%s images unusable: %.1f%% of rows, by reason %s", name, 100 * share, reasons)
+    empty = {"train": empty_texts(train), "test": empty_texts(test)}
+    if any(empty.values()):
+        log.warning("rows with an empty catalog_content: %d in train, %d in test (they keep only their image)",
+                    empty["train"], empty["test"])
 
     train["log_price"] = np.log1p(train["price"])
     train["fold"] = assign_folds(train["price"].to_numpy(), cfg.n_folds, cfg.n_price_bins, cfg.seed)
@@ -255,7 +303,11 @@ def main(cfg: PrepareConfig) -> dict:
                  r["rows_without_unit"], sum(r["unknown_units"].values()), r["images_missing"])
     meta = {"config": to_dict(cfg), "complete": True, "inputs": inputs,
             "rows": {"train": len(train), "test": len(test)},
-            "fold_sizes": {str(k): int(v) for k, v in train["fold"].value_counts().sort_index().items()}}
+            "fold_sizes": {str(k): int(v) for k, v in train["fold"].value_counts().sort_index().items()},
+            "image_dir": str(root),
+            "image_unusable_share": {name: share for name, (share, _) in images.items()},
+            "image_unusable_reasons": {name: reasons for name, (_, reasons) in images.items()},
+            "empty_catalog_content": empty}
     write_json(meta_path, meta)
     log.info("wrote %s", out_dir)
     return meta

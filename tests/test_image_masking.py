@@ -1,5 +1,6 @@
-"""Images that fail to decode: counted, logged with sample_ids and reasons, masked in every image
-cache, and never used to train or choose a checkpoint for an image model."""
+"""Image copies that fail to decode after data.prepare wrote them: counted, logged with sample_ids
+and reasons, masked in every image cache, and never used to train or choose a checkpoint for an
+image model."""
 import shutil
 from dataclasses import replace
 
@@ -11,15 +12,19 @@ import torch
 from clip_finetune import train
 from clip_finetune.config import PROFILES as CLIP_PROFILES
 from core.embedding_cache import load_embeddings
-from core.encode import DecodeFailures, describe_failures, encode_image_batches, find_undecodable, image_loader
+from core.encode import DecodeFailures, describe_failures, encode_image_batches, image_loader
 from core.tables import encoder_rows, holdout_fold, load_table
 from siglip_extract import extract
 from siglip_extract.config import PROFILES as SIGLIP_PROFILES
 
 
+BROKEN_PRICE = 4321.0  # given to every broken train row, so that its target is recognisable wherever it goes
+
+
 def corrupt_copy(src, dst, picks):
     """Copy the processed tables to `dst`, pointing the rows chosen by `picks(split, table)` at files
-    that do not decode (a truncated PNG, random bytes). Returns {split: broken sample_ids}."""
+    that do not decode (a truncated PNG, random bytes); broken train rows get BROKEN_PRICE.
+    Returns {split: broken sample_ids}."""
     dst.mkdir(parents=True)
     shutil.copy(src / "prepare.json", dst / "prepare.json")
     broken = {}
@@ -31,6 +36,8 @@ def corrupt_copy(src, dst, picks):
             good = open(table.at[i, "image_path"], "rb").read()
             path.write_bytes(good[: len(good) // 3] if k % 2 == 0 else np.random.default_rng(k).bytes(300))
             table.at[i, "image_path"] = str(path)
+            if split == "train":
+                table.at[i, "price"], table.at[i, "log_price"] = BROKEN_PRICE, np.log1p(BROKEN_PRICE)
         table.to_parquet(dst / f"{split}.parquet", index=False)
         broken[split] = table.loc[rows, "sample_id"].astype(str).tolist()
     return broken
@@ -70,10 +77,6 @@ def test_loader_masks_counts_and_explains_each_failed_image(broken):
     assert all(("Error" in reason) for reason in failures.reasons.values())
     message = describe_failures(failures.reasons, table["sample_id"])
     assert message.startswith("2 image(s) failed to decode") and all(sid in message for sid in bad["test"])
-    # the up-front check finds the same rows, also when split across two ranks
-    assert find_undecodable(paths, has_image) == failures.reasons
-    halves = {**find_undecodable(paths, has_image, rank=0, world_size=2), **find_undecodable(paths, has_image, rank=1, world_size=2)}
-    assert halves == failures.reasons
 
 
 def test_siglip_masks_and_logs_images_that_fail_to_decode(broken, tiny_models, tmp_path, capsys):
@@ -92,28 +95,28 @@ def test_siglip_masks_and_logs_images_that_fail_to_decode(broken, tiny_models, t
 
 
 def test_clip_never_trains_or_selects_on_a_masked_row(broken, tiny_models, tmp_path, monkeypatch):
+    """The broken rows carry a price no other row has: it must never reach the loss nor any SMAPE."""
     data, bad = broken
-    table = load_table(data, "train")
-    bad_paths = set(table.loc[table["sample_id"].astype(str).isin(bad["train"]), "image_path"])
-    loaders = []
-    real_loader = train.image_loader
+    targets, scored = [], []
 
-    def spy(paths, has_image, *args, **kwargs):
-        loaders.append((list(paths), np.asarray(has_image, bool)))
-        return real_loader(paths, has_image, *args, **kwargs)
+    def recording(loss):
+        def wrapped(pred, target):
+            targets.append(target.detach().cpu().numpy().copy())
+            return loss(pred, target)
+        return wrapped
 
-    monkeypatch.setattr(train, "image_loader", spy)
+    real_get_loss, real_smape = train.get_loss, train.smape
+    monkeypatch.setattr(train, "get_loss", lambda *a, **k: recording(real_get_loss(*a, **k)))
+    monkeypatch.setattr(train, "l1_log_loss", recording(train.l1_log_loss))
+    monkeypatch.setattr(train, "smape", lambda y, p: scored.append(np.asarray(y).copy()) or real_smape(y, p))
     cfg = replace(CLIP_PROFILES["tiny"], model=str(tiny_models / "clip_tiny"), data_dir=data, out_dir=tmp_path,
-                  embeddings_dir=tmp_path / "emb", predictions_dir=tmp_path / "pred", num_workers=0, epochs=1)
-    metrics = train.main(cfg)
-    assert metrics["images_failed_to_decode"] == len(bad["train"]) == 6
-    fit_paths, select_paths = loaders[0][0], loaders[1][0]
-    assert not bad_paths & (set(fit_paths) | set(select_paths))  # the broken rows never reach training or selection
-    assert loaders[0][1].all() and loaders[1][1].all()  # nor does any row without an image
-    for paths, flagged in loaders:  # no loader is told a broken file is an image
-        assert not any(p in bad_paths for p, f in zip(paths, flagged) if f)
-    assert metrics["fit_images"] + metrics["select_images"] + metrics["val_images"] == \
-        int(table["has_image"].sum()) - len(bad["train"])
+                  embeddings_dir=tmp_path / "emb", predictions_dir=tmp_path / "pred", num_workers=0, epochs=2)
+    train.main(cfg)
+    seen = np.concatenate(targets)
+    assert len(seen) > 0 and not np.isclose(seen, np.log1p(BROKEN_PRICE)).any()
+    assert scored and not any((y == BROKEN_PRICE).any() for y in scored)
+    history = pd.read_csv(tmp_path / "tiny" / "history.csv")
+    assert history["masked_images"].sum() > 0  # the broken fit rows did reach the loader, and were left out
     preds = pd.read_csv(tmp_path / "tiny" / "val_predictions.csv", dtype={"sample_id": str})
     broken_holdout = preds[preds["sample_id"].isin(bad["train"])]
     assert len(broken_holdout) == 1 and not broken_holdout["has_usable_image"].any()

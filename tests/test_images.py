@@ -1,4 +1,5 @@
-"""The image downloader against a local HTTP server on 127.0.0.1: good, 404, slow, corrupt, re-run."""
+"""The image downloader against a local HTTP server on 127.0.0.1 (allowed as a private image host):
+good, 404, slow, corrupt, re-run."""
 import io
 import threading
 import time
@@ -63,7 +64,8 @@ def test_download_outcomes_and_rerun_downloads_nothing_twice(server, tmp_path):
     local.write_bytes(png_bytes((1, 2, 3)))
     links = [f"{base}/good1.png", f"{base}/good2.jpg", f"{base}/good1.png", f"{base}/missing.png",
              f"{base}/slow.png", f"{base}/corrupt.png", f"{base}/flaky.png", f"file://{local}", "local.png", ""]
-    kw = dict(cache_dir=tmp_path / "cache", base_dir=tmp_path, workers=4, timeout_s=0.5, retries=1)
+    kw = dict(copies_dir=tmp_path / "cache", image_root=tmp_path, workers=4, timeout_s=0.5, retries=1,
+              allow_private_hosts=True)
     results, downloaded = fetch_images(links, **kw)
     status = {link: r.status for link, r in results.items()}
     assert status[f"{base}/good1.png"] == "ok" and status[f"{base}/good2.jpg"] == "ok"
@@ -71,7 +73,9 @@ def test_download_outcomes_and_rerun_downloads_nothing_twice(server, tmp_path):
     assert status[f"{base}/slow.png"] == "failed:timeout"
     assert status[f"{base}/corrupt.png"].startswith("failed:corrupt")
     assert status[f"{base}/flaky.png"] == "ok"  # a 503 is retried
-    assert status[f"file://{local}"] == "local" and status["local.png"] == "local"
+    # two links to one local file: one copy, made once
+    assert sorted([status[f"file://{local}"], status["local.png"]]) == ["cached", "local"]
+    assert results[f"file://{local}"].path == results["local.png"].path
     assert status[""] == "skipped:no link"
     assert downloaded == 3
     assert hits["/good1.png"] == 1  # a repeated link is fetched once
@@ -105,7 +109,7 @@ def test_no_route_to_the_image_host_gives_up_early_and_records_nothing(tmp_path)
         port = s.getsockname()[1]
     links = [f"http://127.0.0.1:{port}/img{i}.jpg" for i in range(40)]
     results, downloaded = fetch_images(links, tmp_path / "cache", tmp_path, workers=1, timeout_s=1.0, retries=0,
-                                       give_up_after=5)
+                                       allow_private_hosts=True, give_up_after=5)
     statuses = [results[link].status for link in links]
     assert downloaded == 0
     assert all(s.startswith("failed:unreachable") for s in statuses[:5])

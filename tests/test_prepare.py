@@ -214,3 +214,41 @@ def test_failed_run_on_bad_csv_keeps_the_good_output(tmp_path, bad_train):
     assert read_json(out / "prepare.json")["complete"] is True
     pd.testing.assert_frame_equal(load_table(out, "train"), before)
     assert len(load_table(out, "test")) == 5
+
+
+def test_sample_ids_are_kept_as_written_and_surrounding_spaces_are_refused_with_the_row(tmp_path):
+    path = write_csv(tmp_path, "007,a,x.png,3\n8.0,b,y.png,4\n")
+    assert read_competition_csv(path, with_price=True)["sample_id"].tolist() == ["007", "8.0"]
+    path = write_csv(tmp_path, '007,a,x.png,3\n" 9 ",b,y.png,4\n10\t,c,z.png,5\n')
+    with pytest.raises(DataValidationError) as err:
+        read_competition_csv(path, with_price=True)
+    message = str(err.value)
+    assert "2 bad row" in message
+    assert "train.csv line 3 (sample_id 9), column 'sample_id': ' 9 ' has surrounding spaces" in message
+    assert "train.csv line 4 (sample_id 10), column 'sample_id': '10\\t' has surrounding spaces" in message
+
+
+def test_rows_with_an_empty_catalog_content_are_counted(tmp_path):
+    raw = small_raw(tmp_path / "raw")
+    text = (raw / "train.csv").read_text().replace('"Item Name: thing 3\nValue: 3\nUnit: Ounce"', '""')
+    (raw / "train.csv").write_text(text.replace('"Item Name: thing 4\nValue: 4\nUnit: Ounce"', '"  "'))
+    (raw / "test.csv").write_text("sample_id,catalog_content,image_link\nt0,,a.png\nt1,Item Name: x,b.png\n")
+    meta = prepare.main(PrepareConfig(raw_dir=raw, out_dir=tmp_path / "out", download_images=False, download_workers=1))
+    assert meta["empty_catalog_content"] == {"train": 2, "test": 1}
+    report = read_json(tmp_path / "out" / "parse_report.json")
+    assert report["train"]["empty_catalog_content"] == 2 and report["test"]["empty_catalog_content"] == 1
+    assert "empty catalog_content: 2 in train, 1 in test" in (tmp_path / "out" / "log.txt").read_text()
+    assert meta["image_dir"] == str(raw.resolve())
+    assert meta["image_unusable_share"] == {"train": 1.0, "test": 1.0}  # no image file exists here
+    assert meta["image_unusable_reasons"]["train"] == {"failed:file not found": 20}
+
+
+def test_a_complete_prepare_whose_image_copies_are_gone_runs_again(demo_catalog, tmp_path):
+    import shutil
+
+    cfg = PrepareConfig(raw_dir=demo_catalog / "raw", out_dir=tmp_path / "p", download_workers=2)
+    prepare.main(cfg)
+    shutil.rmtree(tmp_path / "p" / "images")
+    prepare.main(cfg)
+    table = load_table(tmp_path / "p", "train")
+    assert table["has_image"].any() and all(Path(p).exists() for p in table.loc[table["has_image"], "image_path"])
