@@ -44,6 +44,8 @@ class ImageRows(torch.utils.data.Dataset):
         if self.has_image[i]:
             try:
                 with Image.open(self.paths[i]) as img:
+                    # a JPEG decodes at the smallest DCT scale still covering the input size (CLIP: 448 -> 224)
+                    img.draft("RGB", (self.image_size, self.image_size))
                     return self.transform(img.convert("RGB")), True, i
             except (OSError, ValueError):
                 pass  # masked here; DecodeFailures counts it and logs why
