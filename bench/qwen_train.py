@@ -4,9 +4,10 @@
     python -m bench.qwen_train layers=2 hidden=256 seq_len=128 batch_size=4 steps=3 device=cpu
 
 Builds the architecture from a Qwen3Config (no download), saves it to a temporary folder and
-loads it through the same `load_backbone` + LoRA path training uses. Model FLOPs per step are
-counted with torch's FlopCounterMode on the plain-LoRA model (no recompute counted); MFU is that
-rate over `peak_tflops` (989 = H100 SXM dense bf16) and over a bf16 matrix product timed here.
+loads it through the same `load_backbone` + LoRA path training uses, each mode in a fresh process
+(so that each has its own peak memory). Model FLOPs per step are counted with torch's
+FlopCounterMode on the plain-LoRA model (with gradient_checkpointing the recompute counts too); MFU
+is that rate over `peak_tflops` (989 = H100 SXM dense bf16) and over a bf16 matrix product timed here.
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ class QwenBenchConfig:
     hidden: int = 1024
     heads: int = 16
     kv_heads: int = 8
+    head_dim: int = 128  # Qwen3 sets it apart from hidden / heads (1024 / 16 would be 64)
     intermediate: int = 3072
     vocab: int = 151_669
     seq_len: int = 256  # padded batch width (dynamic padding makes real batches about this long)
@@ -47,59 +49,78 @@ def sync(device):
         torch.cuda.synchronize()
 
 
+def peak_rss_gib() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB on Linux
+
+
+def time_mode(cfg: QwenBenchConfig, mode: str, folder: str, count_flops: bool) -> tuple:
+    """(seconds per step, peak memory GiB, model FLOPs per step or None) for one mode, run in a fresh
+    process so that its CPU peak (resident-set growth past the imports) is its own."""
+    device = pick_device(cfg.device)
+    dtype = amp_dtype(device, cfg.precision)
+    torch.manual_seed(0)
+    ids = torch.randint(0, cfg.vocab, (cfg.batch_size, cfg.seq_len), device=device)
+    mask = torch.ones_like(ids)
+    feats = torch.randn(cfg.batch_size, 3, device=device)
+    target = torch.rand(cfg.batch_size, device=device)
+    baseline = peak_rss_gib()
+    backbone = add_lora(load_backbone(folder, mode, device, cfg.gradient_checkpointing), replace(CONFIG, quantization=mode))
+    model = PriceRegressor(backbone, cfg.hidden, 256, "last")
+    model.head.to(device)
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+    def step():
+        with autocast(device, dtype):
+            loss = (model(ids, mask, feats).float() - target).abs().mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    flops = None
+    if count_flops:
+        with FlopCounterMode(display=False) as counter:
+            step()
+        flops = counter.get_total_flops()
+    for _ in range(2):
+        step()
+    sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    for _ in range(cfg.steps):
+        step()
+    sync(device)
+    seconds = (time.perf_counter() - t0) / cfg.steps
+    memory = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else peak_rss_gib() - baseline
+    return seconds, memory, flops
+
+
 def main(cfg: QwenBenchConfig):
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
     from transformers import AutoModel, Qwen3Config
 
     device = pick_device(cfg.device)
     dtype = amp_dtype(device, cfg.precision)
     config = Qwen3Config(vocab_size=cfg.vocab, hidden_size=cfg.hidden, intermediate_size=cfg.intermediate,
                          num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads, num_key_value_heads=cfg.kv_heads,
-                         head_dim=cfg.hidden // cfg.heads, max_position_embeddings=max(4096, cfg.seq_len))
+                         head_dim=cfg.head_dim, max_position_embeddings=max(4096, cfg.seq_len))
     modes = cfg.modes or ["none", "4bit"]
     results = {}
     with tempfile.TemporaryDirectory() as folder:
         torch.manual_seed(0)
         AutoModel.from_config(config).save_pretrained(folder)
-        ids = torch.randint(0, cfg.vocab, (cfg.batch_size, cfg.seq_len), device=device)
-        mask = torch.ones_like(ids)
-        feats = torch.randn(cfg.batch_size, 3, device=device)
-        target = torch.rand(cfg.batch_size, device=device)
         flops_per_step = None
         for mode in modes:
-            lora_cfg = replace(CONFIG, quantization=mode)
-            backbone = add_lora(load_backbone(folder, mode, device, cfg.gradient_checkpointing), lora_cfg)
-            model = PriceRegressor(backbone, cfg.hidden, 256, "last")
-            model.head.to(device)
-            model.train()
-            params = [p for p in model.parameters() if p.requires_grad]
-            optimizer = torch.optim.AdamW(params, lr=1e-4)
-
-            def step(model=model, optimizer=optimizer):
-                with autocast(device, dtype):
-                    loss = (model(ids, mask, feats).float() - target).abs().mean()
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-
-            if flops_per_step is None:
-                with FlopCounterMode(display=False) as counter:
-                    step()
-                flops_per_step = counter.get_total_flops()
-            for _ in range(2):
-                step()
-            sync(device)
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-            t0 = time.perf_counter()
-            for _ in range(cfg.steps):
-                step()
-            sync(device)
-            seconds = (time.perf_counter() - t0) / cfg.steps
-            memory = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else float("nan")
+            # the plain-LoRA model's FLOPs (4-bit matmuls are not counted by torch's counter) rate every mode
+            with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+                seconds, memory, flops = pool.submit(time_mode, cfg, mode, folder, flops_per_step is None).result()
+            flops_per_step = flops_per_step or flops
             results[mode] = (seconds, memory)
-            del model, backbone, optimizer
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
 
     n = 8192 if device.type == "cuda" else 2048
     a = torch.randn(n, n, device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
@@ -125,7 +146,7 @@ def main(cfg: QwenBenchConfig):
         tflops = flops_per_step / seconds / 1e12
         label = f"LoRA ({'bf16' if dtype == torch.bfloat16 else 'fp32'})" if mode == "none" else "4-bit QLoRA (NF4)"
         print(f"{label:<22} {seconds:>8.3f} {tokens / seconds:>10,.0f} {tflops:>8.2f} {tflops / cfg.peak_tflops:>6.1%} "
-              f"{tflops / matmul_tflops:>9.1%} {memory:>9.1f}")
+              f"{tflops / matmul_tflops:>9.1%} {memory:>9.2f}")
     return results
 
 

@@ -34,7 +34,7 @@ class ClipConfig:
     encoder_folds: str = "holdout"
     num_workers: int = 8  # image-decoding worker processes
     seed: int = 42
-    device: str = "auto"
+    device: str = "cuda"  # real sizes need a GPU: no CUDA is an error, not days on the CPU; cpu | auto | cuda:N
     precision: str = "auto"  # bf16 autocast on CUDA
     resume: bool = True
     predictions_dir: Path = Path("checkpoints/predictions")  # the head's holdout and test predictions (core.predictions)
@@ -52,11 +52,14 @@ class ClipConfig:
 CONFIG = ClipConfig()
 PROFILES = {
     "default": CONFIG,
+    # real rows on a CPU (profile=small): the real model where it runs, on whatever device there is
+    "small": replace(CONFIG, device="auto"),
     # random-init tiny ViT on the demo catalog: the whole tower trains at the head's rate, on L1
     "tiny": replace(CONFIG, model="checkpoints/demo/models/clip_tiny", data_dir=Path("checkpoints/demo/data"),
                     out_dir=Path("checkpoints/demo/clip_finetune"), run_name="tiny",
                     embeddings_dir=Path("checkpoints/demo/embeddings"),
                     predictions_dir=Path("checkpoints/demo/predictions"), loss="l1", epochs=25, batch_size=32,
                     lr_backbone=1e-3, lr_head=3e-3, warmup_steps=20, freeze_blocks=0, freeze_norms=False,
-                    head_hidden=64, num_workers=2, early_stopping_patience=8, extract_batch_size=128, chunk_size=512),
+                    head_hidden=64, num_workers=2, early_stopping_patience=8, extract_batch_size=128, chunk_size=512,
+                    device="auto"),
 }

@@ -15,14 +15,29 @@ from tqdm.auto import tqdm
 
 
 def pick_device(preference: str = "auto"):
-    """CUDA when present (or asked for), CPU otherwise. Chosen once per run."""
+    """The torch device for a stage's `device` setting: `auto` takes CUDA when present, else the CPU;
+    `cuda` (or `cuda:N`) with no such GPU is a PipelineError, never a silent fall-back to the CPU.
+    Cheap and without side effects (no CUDA context is created), so a run can check every stage's
+    setting before any work."""
     import torch
+
+    from core.errors import PipelineError
 
     if preference == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(preference)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device={preference!r} was asked for but CUDA is not available")
+    try:
+        device = torch.device(preference)
+    except RuntimeError as exc:
+        raise PipelineError(f"device={preference!r} is not a device: use auto, cpu, cuda or cuda:N ({exc})") from None
+    if device.type != "cuda":
+        return device
+    if not torch.cuda.is_available():
+        raise PipelineError(
+            f"device={preference}: no CUDA device found (this torch {torch.__version__} was built for CUDA "
+            f"{torch.version.cuda or 'none: a CPU-only build'}; check `nvidia-smi` and that the driver supports that "
+            f"version). Pass device=cpu to run on the CPU on purpose.")
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise PipelineError(f"device={preference}: only {torch.cuda.device_count()} CUDA device(s) found")
     return device
 
 

@@ -10,6 +10,8 @@ Resumable by chunk; rows keep the processed table's order. With one encoder per 
 (`encoder_folds=all`), a train row's vector comes from the encoder that never saw its fold and a
 test row's vector is the mean of the k encoders' vectors. Under torchrun chunk i is encoded by
 rank i % world_size only, and rank 0 joins the chunks once every rank has written its own.
+The cache records the checkpoints it was made with (`vector_identity`), so that qwen_predict can
+apply the trained heads to these vectors instead of running the model over the rows again.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from core.errors import run_cli
 from core.runtime import progress, setup_logging
 from core.tables import load_table
 from qwen3_finetune.config import PROFILES, QwenConfig
-from qwen3_finetune.model import encoder_folds, load_run, run_rows, table_inputs
+from qwen3_finetune.model import encoder_folds, load_run, run_rows, table_inputs, vector_identity
 
 
 def main(cfg: QwenConfig) -> dict:
@@ -36,7 +38,8 @@ def main(cfg: QwenConfig) -> dict:
                     "max_length": cfg.max_length, "encoder_folds": cfg.encoder_folds if cfg.finetune else None,
                     "checkpoint_epoch": {str(k): m[3].get("epoch") for k, m in encoders.items()} if per_fold else meta.get("epoch"),
                     "checkpoint_selection_smape": None if per_fold else meta.get("selection_smape"),
-                    "run": str(cfg.out_dir / cfg.run_name)}
+                    "run": str(cfg.out_dir / cfg.run_name),
+                    "vectors": vector_identity(cfg)}  # qwen_predict prices these rows from the cache when it matches
 
     def embed(rows, encoder):
         model, scaler, tokenizer, _ = encoder

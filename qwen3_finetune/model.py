@@ -7,6 +7,7 @@ widths) and `meta.json`. The head and scaler are saved by us, not through peft's
 """
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -38,10 +39,23 @@ def resolve_model(model: str) -> str:
         return model  # fall back to the hub name
 
 
+def from_hub(load, model: str, what: str):
+    """`load(folder or hub name)`; a failed download (no network, unknown name, hub error) becomes one
+    PipelineError line naming the model and the setting that takes a local folder instead."""
+    from core.errors import PipelineError
+
+    try:
+        return load(resolve_model(model))
+    except OSError as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise PipelineError(f"cannot load the {what} of {model!r} ({reason}); give qwen.model=/path/to/folder "
+                            f"(model= for the stage's own script), a Hugging Face model folder with its tokenizer") from None
+
+
 def load_tokenizer(model: str):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model(model))
+    tokenizer = from_hub(AutoTokenizer.from_pretrained, model, "tokenizer")
     tokenizer.padding_side = "left"  # last-token pooling reads position -1 of every row
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -52,7 +66,7 @@ def load_backbone(model: str, quantization: str, device, gradient_checkpointing:
     """The base model, 4-bit NF4 (double quantisation, bf16 compute) or in full precision, with SDPA."""
     from transformers import AutoConfig, AutoModel, BitsAndBytesConfig
 
-    config = AutoConfig.from_pretrained(resolve_model(model))
+    config = from_hub(AutoConfig.from_pretrained, model, "config")
     # dropout on attention weights sends torch's CPU attention to its math kernel, which keeps three fp32
     # [B, H, T, T] tensors per layer for backward (MiniLM: 8 GB at batch 32 x 256); Qwen3 already has none
     for key in ("attention_probs_dropout_prob", "attention_dropout"):
@@ -67,7 +81,7 @@ def load_backbone(model: str, quantization: str, device, gradient_checkpointing:
         kwargs["device_map"] = {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}
     elif quantization != "none":
         raise ValueError(f"quantization must be '4bit' or 'none', got {quantization!r}")
-    backbone = AutoModel.from_pretrained(resolve_model(model), config=config, **kwargs)
+    backbone = from_hub(lambda name: AutoModel.from_pretrained(name, config=config, **kwargs), model, "weights")
     if quantization == "none":
         backbone.to(device)
     elif device.type == "cpu":
@@ -122,13 +136,17 @@ class FeatureScaler:
         return {"mean": np.asarray(self.mean).tolist(), "std": np.asarray(self.std).tolist()}
 
 
+def price_head(hidden_size: int, head_hidden: int) -> nn.Sequential:
+    """[pooled vector, standardised structural features] -> log1p(price)."""
+    return nn.Sequential(nn.Linear(hidden_size + len(STRUCTURAL_FEATURES), head_hidden), nn.GELU(), nn.Dropout(0.1),
+                         nn.Linear(head_hidden, 1))
+
+
 class PriceRegressor(nn.Module):
     def __init__(self, backbone, hidden_size: int, head_hidden: int, pooling: str):
         super().__init__()
         self.backbone, self.pooling = backbone, pooling
-        n = len(STRUCTURAL_FEATURES)
-        self.head = nn.Sequential(nn.Linear(hidden_size + n, head_hidden), nn.GELU(), nn.Dropout(0.1),
-                                  nn.Linear(head_hidden, 1))
+        self.head = price_head(hidden_size, head_hidden)
 
     def embed(self, input_ids, attention_mask, features):
         """The vector fusion reads: pooled text vector + the standardised structural features."""
@@ -192,19 +210,46 @@ def save_checkpoint(folder: Path, model: PriceRegressor, scaler: FeatureScaler, 
     write_json(folder / "meta.json", meta)
 
 
+def load_head(folder: Path, cfg, device):
+    """(head, scaler, saved record) from a checkpoint's head.pt alone: what pricing cached vectors needs."""
+    saved = torch.load(Path(folder) / "head.pt", map_location="cpu", weights_only=False)
+    head = price_head(saved["hidden_size"], cfg.head_hidden)
+    head.load_state_dict(saved["head"])
+    scaler = FeatureScaler(np.array(saved["scaler"]["mean"]), np.array(saved["scaler"]["std"]))
+    return head.to(device).eval(), scaler, saved
+
+
 def load_checkpoint(folder: Path, cfg, device):
     """(model, scaler) rebuilt from the base model, the saved adapter and the saved head."""
     from peft import PeftModel
 
     folder = Path(folder)
-    head = torch.load(folder / "head.pt", map_location="cpu", weights_only=False)
+    head, scaler, saved = load_head(folder, cfg, device)
     backbone = load_backbone(cfg.model, cfg.quantization, device)
     backbone = PeftModel.from_pretrained(backbone, folder / "adapter")
-    model = PriceRegressor(backbone, head["hidden_size"], cfg.head_hidden, head["pooling"])
-    model.head.load_state_dict(head["head"])
-    model.head.to(device)
+    model = PriceRegressor(backbone, saved["hidden_size"], cfg.head_hidden, saved["pooling"])
+    model.head = head
     model.eval()
-    return model, FeatureScaler(np.array(head["scaler"]["mean"]), np.array(head["scaler"]["std"]))
+    return model, scaler
+
+
+def checkpoint_digest(folder: Path) -> str:
+    """sha1 over a checkpoint's head.pt and adapter files: a retrained encoder gets another digest."""
+    folder = Path(folder)
+    digest = hashlib.sha1()
+    for path in [folder / "head.pt", *sorted((folder / "adapter").glob("*"))]:
+        if path.is_file():
+            digest.update(path.name.encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def vector_identity(cfg) -> dict:
+    """What the cached text vectors depend on besides the rows: the base model, how it is loaded, the
+    token budget and each encoder's checkpoint. qwen_extract records it in the cache; qwen_predict
+    applies the heads to the cache only when it still matches."""
+    heads = {str(f): checkpoint_digest(best_checkpoint(cfg, f)) for f in encoder_folds(cfg)} if cfg.finetune else None
+    return {"model": cfg.model, "quantization": cfg.quantization, "max_length": cfg.max_length, "checkpoints": heads}
 
 
 @torch.no_grad()
@@ -242,18 +287,25 @@ def frozen_run(cfg, device):
     return model, scaler, load_tokenizer(cfg.model), {"frozen": True, "epoch": None, "val_smape": None}
 
 
+def best_checkpoint(cfg, fold: int) -> Path:
+    """The best checkpoint folder of the encoder that never saw `fold`, with a clear error if missing."""
+    from core.errors import PipelineError
+
+    best = encoder_dir(cfg, fold) / "best"
+    if not (best / "head.pt").exists():
+        raise PipelineError(f"no checkpoint in {best}; run `python -m qwen3_finetune.train` first")
+    return best
+
+
 def load_run(cfg, device, fold: int | None = None):
     """(model, scaler, tokenizer, meta) from the best checkpoint of the encoder that never saw `fold`
     (None: the single holdout encoder), with a clear error if missing; the base encoder when
     `cfg.finetune` is false."""
-    from core.errors import PipelineError
     from core.io import read_json
 
     if not cfg.finetune:
         return frozen_run(cfg, device)
-    best = encoder_dir(cfg, encoder_folds(cfg)[0] if fold is None else fold) / "best"
-    if not (best / "head.pt").exists():
-        raise PipelineError(f"no checkpoint in {best}; run `python -m qwen3_finetune.train` first")
+    best = best_checkpoint(cfg, encoder_folds(cfg)[0] if fold is None else fold)
     model, scaler = load_checkpoint(best, cfg, device)
     return model, scaler, load_tokenizer(cfg.model), read_json(best / "meta.json")
 

@@ -20,13 +20,15 @@ class SiglipConfig:
     num_workers: int = 8  # image-decoding worker processes
     chunk_size: int = 4096  # rows per resumable chunk
     storage_dtype: str = "float16"  # float16 halves the cache; fusion reads it as float32
-    device: str = "auto"
+    device: str = "cuda"  # real sizes need a GPU: no CUDA is an error, not days on the CPU; cpu | auto | cuda:N
     precision: str = "auto"  # bf16 autocast on CUDA
 
 
 CONFIG = SiglipConfig()
 PROFILES = {
     "default": CONFIG,
+    "small": replace(CONFIG, device="auto"),  # profile=small: the pipeline skips SigLIP; run by hand, any device
     "tiny": replace(CONFIG, model="checkpoints/demo/models/siglip_tiny", data_dir=Path("checkpoints/demo/data"),
-                    embeddings_dir=Path("checkpoints/demo/embeddings"), batch_size=64, num_workers=2, chunk_size=512),
+                    embeddings_dir=Path("checkpoints/demo/embeddings"), batch_size=64, num_workers=2, chunk_size=512,
+                    device="auto"),
 }

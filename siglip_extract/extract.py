@@ -34,7 +34,7 @@ from siglip_extract.config import PROFILES, SiglipConfig
 def main(cfg: SiglipConfig) -> dict:
     dist, device, dtype = init_device(cfg.device, cfg.precision)
     log = setup_logging("siglip_extract", Path(cfg.embeddings_dir) if dist.is_main else None)
-    model, _, transform, tokenizer = load_open_clip(cfg.model, cfg.pretrained, device)
+    model, _, transform, tokenizer = load_open_clip(cfg.model, cfg.pretrained, device, setting="siglip.model")
     model.eval()
     size = image_size_of(model.visual)
     with torch.no_grad():

@@ -40,10 +40,12 @@ def test_clip_vit_l_14_image_tower_trains_and_gives_768():
     # what pretrained=openai would bring besides the weights: CLIP's mean/std (not SigLIP's 0.5)
     assert open_clip.get_pretrained_cfg(cfg.model, cfg.pretrained)["mean"][0] == pytest.approx(0.4815, abs=1e-4)
     torch.manual_seed(0)
-    clip, _, _, _ = load_open_clip(cfg.model, None, "cpu")  # the stage's loader; no tag: random weights
+    # the stage's loader, as a real run builds it for the tag (QuickGELU for openai), with random weights
+    clip, _, _, _ = load_open_clip(cfg.model, cfg.pretrained, "cpu", load_weights=False)
     visual, size = clip.visual, image_size_of(clip.visual)
     del clip  # the stage keeps only the image tower
     assert size == 224 and len(tower_blocks(visual)) == 24
+    assert all(type(block.mlp.gelu).__name__ == "QuickGELU" for block in tower_blocks(visual))
     # the stage's regressor and freezing: patch embedding, first 12 blocks and every norm fixed
     widths = []
     model = ClipRegressor(visual, 768, cfg.head_hidden)
@@ -76,7 +78,7 @@ def test_siglip_so400m_gives_1152_image_and_its_text_width(monkeypatch):
     monkeypatch.setattr(open_clip, "get_tokenizer",
                         lambda *a, **k: lambda texts: torch.randint(0, vocab, (len(texts), context_length)))
     torch.manual_seed(0)
-    model, _, _, tokenizer = load_open_clip(cfg.model, None, "cpu")  # the stage's loader, random weights
+    model, _, _, tokenizer = load_open_clip(cfg.model, cfg.pretrained, "cpu", load_weights=False)  # random weights
     size = image_size_of(model.visual)
     assert size == 384
     assert len(model.visual.trunk.blocks) == 27 and len(model.text.transformer.resblocks) == 27
