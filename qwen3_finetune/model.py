@@ -63,7 +63,8 @@ def load_tokenizer(model: str):
 
 
 def load_backbone(model: str, quantization: str, device, gradient_checkpointing: bool = False):
-    """The base model, 4-bit NF4 (double quantisation, bf16 compute) or in full precision, with SDPA."""
+    """The base model, 4-bit NF4 (double quantisation; bf16 compute on CUDA, fp32 on a CPU) or in full
+    precision, with SDPA."""
     from transformers import AutoConfig, AutoModel, BitsAndBytesConfig
 
     config = from_hub(AutoConfig.from_pretrained, model, "config")
@@ -72,12 +73,14 @@ def load_backbone(model: str, quantization: str, device, gradient_checkpointing:
     for key in ("attention_probs_dropout_prob", "attention_dropout"):
         if getattr(config, key, 0.0):
             setattr(config, key, 0.0)
+    # fp32 on a CPU, 4-bit compute included: a CPU without AVX-512 emulates bf16 (18-68x slower) and
+    # rounds differently from one that has it, so the demo's figures would move with the CPU
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     kwargs = {"attn_implementation": "sdpa", "dtype": dtype}
     if quantization == "4bit":
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                                            bnb_4bit_use_double_quant=True,
-                                                           bnb_4bit_compute_dtype=torch.bfloat16)
+                                                           bnb_4bit_compute_dtype=dtype)
         kwargs["device_map"] = {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}
     elif quantization != "none":
         raise ValueError(f"quantization must be '4bit' or 'none', got {quantization!r}")
