@@ -2,6 +2,7 @@
 
     python -m pipeline root=R score=NEW.csv out=PRICES.csv
     python -m pipeline root=R score=NEW.csv out=PRICES.csv score_chunk_rows=10000 device=cpu
+    python -m pipeline root=R score=NEW.csv out=PRICES.csv image_dir=IMAGES   # relative links read from IMAGES
     torchrun --nproc_per_node=4 -m pipeline root=R score=NEW.csv out=PRICES.csv   # encoding sharded
 
 NEW.csv is in the competition's test format (`sample_id, catalog_content, image_link`). The profile
@@ -15,6 +16,18 @@ trained run and that row alone, so rows of R's own test file get R/test_out.csv'
 torchrun each chunk's encoding is sharded across the ranks like the extractors' (chunk i of the
 cache by rank i % world_size); rank 0 parses, prices and writes.
 
+Images: a relative `image_link` is read from the folder the trained run read its own links from (the
+image root prepare.json records, or the run's raw_dir), not from NEW.csv's folder, so a slice of R's
+test.csv saved anywhere finds the same images; `image_dir=` names another folder. When a clearly
+larger share of the new rows has no usable image than the run had, a WARNING naming both shares goes
+to stderr as soon as a chunk shows it and again with the summary (the prices are still written).
+
+Scoring only reads R: it holds R's lock shared, so many scorings run together but none beside a
+pipeline run training R (core.lock). The output's folder (created if missing) must take a file; that
+is checked before anything loads. A write that fails (a full or read-only disk) stops with one line naming the
+path and the reason: the unfinished chunk's scratch is removed, the finished chunks stay, and the
+same command resumes from them (with none finished, no scratch is left).
+
 Scratch (parsed rows, vectors, finished chunks' prices, fetched images) lives in PRICES.csv.scoring/
 beside the output; a killed scoring resumes at the first unfinished chunk. PRICES.csv is written
 once, checked against NEW.csv, when every chunk is priced; the finished chunks and vectors are then
@@ -23,7 +36,9 @@ removed (fetched images stay, for the next scoring of the same links).
 from __future__ import annotations
 
 import dataclasses
+import errno
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -32,9 +47,9 @@ import pandas as pd
 from core.config import ConfigError, field_types
 from core.distributed import DistInfo, barrier, cleanup, init_distributed
 from core.embedding_cache import mark_source_skipped, skipped_reason
-from core.errors import PipelineError
+from core.errors import PipelineError, disk_refusal_line
 from core.fingerprints import STATE_FILE, describe_changes, file_digest, fingerprint, run_settings, version_changes
-from core.io import atomic_save, read_json, write_json
+from core.io import atomic_save, check_writable, read_json, write_json
 from core.runtime import pick_device, setup_logging
 from core.submission import write_submission
 from core.tables import META_FILE
@@ -42,6 +57,8 @@ from core.tables import META_FILE
 SCORE_CHUNK_ROWS = 50_000
 NOT_NEEDED = {"synthetic", "evaluate", "report"}  # stages a trained root may lack and still price rows
 SCRATCH_SUFFIX = ".scoring"
+# a WARNING when the new rows' share without a usable image exceeds the run's by both of these
+IMAGE_SHARE_MARGIN, IMAGE_SHARE_RATIO = 0.10, 1.5
 
 
 class ScoringError(PipelineError, ValueError):
@@ -59,13 +76,53 @@ def check_paths(root: Path, new_csv: Path, out: Path) -> None:
                                "give an output outside it")
 
 
+def image_share(has_image) -> float:
+    """Share of rows without a usable image."""
+    return float((~pd.Series(has_image, dtype=bool)).mean()) if len(has_image) else 0.0
+
+
+def trained_image_root(prepare_cfg, data_meta: dict) -> Path:
+    """The folder the trained run read relative image links from: the absolute image root its
+    prepare.json records or, where that folder is gone (a copied root) or none is recorded, the run's
+    image_dir (default raw_dir) as its settings give it under this root."""
+    from data.prepare import image_root
+
+    recorded = data_meta.get("image_dir")
+    if recorded and Path(recorded).is_dir():
+        return Path(recorded)
+    return image_root(prepare_cfg)
+
+
+def trained_image_share(data_meta: dict, data_dir: Path) -> float:
+    """The larger of the run's train and test shares of rows without a usable image (prepare.json's
+    record, or its tables)."""
+    recorded = data_meta.get("image_unusable_share")
+    if isinstance(recorded, dict) and recorded:
+        return max(float(v) for v in recorded.values())
+    return max(image_share(pd.read_parquet(data_dir / f"{split}.parquet", columns=["has_image"])["has_image"])
+               for split in ("train", "test"))
+
+
+def image_warning(new_share: float, trained_share: float, image_root: Path, rows: int) -> str | None:
+    """A WARNING line when clearly more new rows than trained rows lack a usable image, else None."""
+    if new_share <= trained_share + IMAGE_SHARE_MARGIN or new_share <= IMAGE_SHARE_RATIO * trained_share:
+        return None
+    return (f"WARNING: {new_share:.0%} of {rows} new rows have no usable image against {trained_share:.0%} in the "
+            f"trained run: their prices come from text alone and may be far off. Relative image links are read from "
+            f"{image_root}; if the images lie elsewhere, give image_dir=FOLDER")
+
+
+def check_trained_root(root: Path) -> None:
+    if not (root / STATE_FILE).exists():
+        raise ScoringError(f"{root} is not a trained pipeline root (no {STATE_FILE}); train one with "
+                           f"`python -m pipeline profile=small raw_dir=DIR root={root}`")
+
+
 def trained_settings(root: Path) -> tuple[str, list[str], dict]:
     """(profile, overrides, pipeline state) the root's stages ran with; a clear error when `root` is
     no trained root."""
+    check_trained_root(root)
     state_path = root / STATE_FILE
-    if not state_path.exists():
-        raise ScoringError(f"{root} is not a trained pipeline root (no {STATE_FILE}); train one with "
-                           f"`python -m pipeline profile=small raw_dir=DIR root={root}`")
     settings = run_settings(root)
     if settings is None:
         raise ScoringError(f"{state_path} does not say what the stages ran with; run `python -m pipeline profile=P "
@@ -75,12 +132,13 @@ def trained_settings(root: Path) -> tuple[str, list[str], dict]:
 
 def placement_overrides(tokens: list[str]) -> list[str]:
     """Scoring takes its settings from the trained root: only placement keys may be given."""
-    from pipeline import PLACEMENT
+    from core.stages import PLACEMENT
 
     bad = [t for t in tokens if t.partition("=")[0].split(".")[-1] not in PLACEMENT]
     if bad:
         raise ConfigError(f"{' '.join(bad)}: scoring reads every setting from the trained root; only placement keys "
-                          f"({', '.join(sorted(PLACEMENT))}) and score=, out=, score_chunk_rows= may be given")
+                          f"({', '.join(sorted(PLACEMENT))}) and score=, out=, score_chunk_rows=, image_dir= "
+                          "may be given")
     return tokens
 
 
@@ -107,8 +165,8 @@ def scratch_configs(cfgs: dict, work: Path) -> dict:
 class Scorer:
     """A trained root, loaded once, that prices chunks of new rows."""
 
-    def __init__(self, root: Path, placement: list[str], log):
-        from pipeline import build_stages, stage_configs
+    def __init__(self, root: Path, placement: list[str], log, image_dir: Path | None = None):
+        from core.stages import build_stages, stage_configs
 
         self.root, self.log = root, log
         self.profile, overrides, self.state = trained_settings(root)
@@ -123,13 +181,16 @@ class Scorer:
         data_dir = Path(self.cfgs["prepare"].out_dir)
         self.data_meta = read_json(data_dir / META_FILE)
         self.train_ids = set(pd.read_parquet(data_dir / "train.parquet", columns=["sample_id"])["sample_id"].astype(str))
-        self.image_dir = Path(self.cfgs["prepare"].image_dir or data_dir / "images")
+        self.image_copies = Path(self.cfgs["prepare"].image_cache_dir or data_dir / "images")  # the run's copies
+        self.image_root = image_dir or trained_image_root(self.cfgs["prepare"], self.data_meta)
+        self.trained_image_share = trained_image_share(self.data_meta, data_dir)
         self._heads = self._fusion = None
+        self.warned = False  # the image-share WARNING is printed once while pricing, again in the summary
 
     def key(self) -> str:
         """What a finished chunk's prices depend on besides its rows: every stage's print in the root."""
         return fingerprint({name: v.get("fingerprint") for name, v in self.state.items() if isinstance(v, dict)},
-                           self.record)
+                           self.record, str(self.image_root))
 
     @property
     def heads(self):
@@ -149,22 +210,16 @@ class Scorer:
             self._fusion[model] = run_folds(Path(cfg.out_dir) / cfg.run_name, pick_device(cfg.device))
         return self._fusion[model]
 
-    def prepare_rows(self, rows: pd.DataFrame, base_dir: Path, images: Path, work: Path) -> pd.DataFrame:
+    def prepare_rows(self, rows: pd.DataFrame, images: Path, work: Path) -> pd.DataFrame:
         """The chunk as the data stage writes a test table: parsed fields, image columns; written to
         work/data beside the root's train table (the extractors read both)."""
-        from data.images import ImageResult, cache_path, fetch_images
-        from data.prepare import attach_images, parse_rows
+        from data.prepare import attach_images, parse_rows, resolve_images
 
-        prepare = self.cfgs["prepare"]
         table = parse_rows(rows)
-        links = list(dict.fromkeys(table["image_link"].astype(str)))
-        # an image the training run already fetched is read from its cache, never fetched again
-        known = {link: ImageResult(str(cache_path(self.image_dir, link)), "cached") for link in links
-                 if link.lower().startswith(("http://", "https://")) and cache_path(self.image_dir, link).exists()}
-        results, _ = fetch_images([link for link in links if link not in known], images, base_dir,
-                                  download=prepare.download_images, workers=prepare.download_workers,
-                                  timeout_s=prepare.timeout_s, retries=prepare.retries, retry_failed=prepare.retry_failed)
-        attach_images(table, {**results, **known})
+        # under the run's image rules; an image the run already copied is read from its copy, never fetched again
+        results, _ = resolve_images(table["image_link"].astype(str).tolist(), self.cfgs["prepare"], images,
+                                    self.image_root, reuse_dirs=[self.image_copies])
+        attach_images(table, results)
         data = work / "data"
         data.mkdir(parents=True, exist_ok=True)
         train = data / "train.parquet"
@@ -196,6 +251,7 @@ class Scorer:
         siglip_cfg = cfgs["siglip"]
         if not all([copy_skip(siglip_cfg.image_source), copy_skip(siglip_cfg.text_source)]):
             siglip.main(siglip_cfg)
+            setup_logging("siglip_extract")  # closes its log file in the chunk's scratch, which goes when priced
         if not copy_skip(cfgs["clip"].source_name):
             written = clip_extract.main(cfgs["clip"], run_outputs=False)
             if "head_test_log" in written:
@@ -203,24 +259,29 @@ class Scorer:
         qwen_extract.main(cfgs["qwen"])
         return out
 
-    def price_chunk(self, rows: pd.DataFrame, base_dir: Path, images: Path, work: Path,
+    def price_chunk(self, rows: pd.DataFrame, images: Path, work: Path,
                     dist: DistInfo = DistInfo()) -> pd.DataFrame | None:
-        """(sample_id, price) for one chunk of validated rows. Under torchrun every rank encodes its
-        share of the chunk's rows and rank 0 prices them (the other ranks get None)."""
+        """(sample_id, price, has_image) for one chunk of validated rows. Under torchrun every rank
+        encodes its share of the chunk's rows and rank 0 prices them (the other ranks get None)."""
         from ensemble.blend import price_rows
         from fusion.predict_test import fold_mean_log as fusion_log
         from heads.predict import load_row_vectors, price_table, write_test_caches
         from qwen3_finetune.predict import MODEL_NAME as TEXT_HEAD, fold_mean_log as text_log
         from core.runtime import amp_dtype
+        from data.images import reason_of
 
         cfgs = scratch_configs(self.cfgs, work)
         if dist.is_main:
-            table = self.prepare_rows(rows, base_dir, images, work)
+            table = self.prepare_rows(rows, images, work)
             missing = int((~table["has_image"]).sum())
             if missing:
-                reasons = table.loc[~table["has_image"], "image_status"].value_counts().head(3)
+                reasons = table.loc[~table["has_image"], "image_status"].map(reason_of).value_counts().head(5)
                 self.log.info("%d of %d rows have no usable image (masked, as in training): %s", missing, len(table),
                               ", ".join(f"{k} {v}" for k, v in reasons.items()))
+                warning = image_warning(missing / len(table), self.trained_image_share, self.image_root, len(table))
+                if warning and not self.warned:
+                    print(warning, file=sys.stderr, flush=True)
+                    self.warned = True
         barrier(dist)  # the chunk's table is on disk for every rank's extractors
         logs = self.encode(cfgs)
         if not dist.is_main:
@@ -239,40 +300,66 @@ class Scorer:
         if TEXT_HEAD in self.needed:
             device = pick_device(qwen.device)
             logs[TEXT_HEAD] = text_log(qwen, table, device, amp_dtype(device, qwen.precision))
-        return pd.DataFrame({"sample_id": ids, "price": price_rows(self.record, logs)})
+        return pd.DataFrame({"sample_id": ids, "price": price_rows(self.record, logs),
+                             "has_image": table["has_image"].to_numpy(dtype=bool)})
 
 
 def score_file(root: Path, new_csv: Path, out: Path, chunk_rows: int = SCORE_CHUNK_ROWS,
-               placement: list[str] | None = None) -> Path:
-    """Price every row of `new_csv` with the trained root and write the checked `out`; see the module doc."""
-    from data.prepare import competition_chunks, competition_records, raise_problems
+               placement: list[str] | None = None, image_dir: Path | None = None) -> Path:
+    """Price every row of `new_csv` with the trained root and write the checked `out`; see the module doc.
+    `image_dir`: the folder relative image links are read from (default: the trained run's)."""
+    from core.lock import hold_root
 
     root, new_csv, out = Path(root), Path(new_csv), Path(out)
     if chunk_rows < 1:
         raise ConfigError(f"score_chunk_rows={chunk_rows}: must be at least 1")
     check_paths(root, new_csv, out)
-    log = setup_logging("score")
-    setup_logging("data.prepare")  # its warnings go to the console, never to a log file under the root
-    t0 = time.time()
-    scorer = Scorer(root, placement or [], log)
-    dist = init_distributed(scorer.cfgs["qwen"].device)  # under torchrun the extractors share this group
+    if image_dir is not None and not Path(image_dir).is_dir():
+        raise ScoringError(f"image_dir={image_dir}: no such folder")
+    check_trained_root(root)
+    check_writable(out.parent, "the output folder")  # in a second, before anything loads
+    with hold_root(root, shared=True):  # many scorings at once, none beside a run that trains the root
+        return score_held(root, new_csv, out, chunk_rows, placement or [],
+                          Path(image_dir).resolve() if image_dir is not None else None)
 
-    # one streaming pass: every bad row named before any work, rows that trained the run counted
-    problems, n_rows, in_train = [], 0, 0
-    for record in competition_records(new_csv, False, problems):
-        n_rows += 1
-        in_train += record["sample_id"] in scorer.train_ids
-    raise_problems(new_csv, problems, n_rows)
-    if in_train and dist.is_main:
-        log.warning("%d of %d rows of %s are training rows of %s: their prices are in-sample (the models saw "
-                    "their prices), not estimates", in_train, n_rows, new_csv.name, root)
 
-    scratch = Path(str(out) + SCRATCH_SUFFIX)
+def drop_unfinished(scratch: Path) -> int:
+    """After a failed write: remove the unfinished chunks' scratch and, when no chunk finished and no
+    fetched image is worth keeping, the whole scratch folder. Returns the finished chunks kept."""
+    for work in scratch.glob("work_*"):
+        shutil.rmtree(work, ignore_errors=True)
+    finished = len(list((scratch / "chunks").glob("chunk_*.parquet")))
+    if not finished and not any(p.name != "failed.json" for p in (scratch / "images").glob("*")):
+        shutil.rmtree(scratch, ignore_errors=True)
+    return finished
+
+
+def write_failure(exc: OSError, scratch: Path) -> ScoringError | None:
+    """One line for a file the disk refused (full, read-only, no permission), after dropping the
+    unfinished chunk's scratch; None for any other error."""
+    if exc.filename is None and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+        exc = OSError(exc.errno, exc.strerror, str(scratch))  # a writer that did not say which file: the scratch
+    line = disk_refusal_line(exc)
+    if line is None:
+        return None
+    kept = drop_unfinished(scratch)
+    left = (f"the {kept} finished chunk(s) in {scratch} are kept, and the same command resumes from them" if kept
+            else "nothing was left behind")
+    return ScoringError(f"{line.removeprefix('error: ')}; {left}")
+
+
+def price_chunks(scorer: Scorer, new_csv: Path, scratch: Path, chunk_rows: int, n_rows: int, dist: DistInfo,
+                 log) -> pd.DataFrame | None:
+    """Every chunk's (sample_id, price, has_image), each chunk kept in the scratch once priced, so a
+    later call with the same file, root and chunk size starts at the first unfinished one. Rank 0
+    gets the rows; the other ranks None."""
+    from data.prepare import competition_chunks
+
     chunks_dir, images = scratch / "chunks", scratch / "images"
     manifest = {"new_csv": file_digest(new_csv), "root": scorer.key(), "chunk_rows": chunk_rows}
     if dist.is_main:
         if (scratch / "scoring.json").exists() and read_json(scratch / "scoring.json") != manifest:
-            log.info("%s belongs to another file, root or chunk size: starting over", scratch)
+            log.info("%s belongs to another file, root, image folder or chunk size: starting over", scratch)
             shutil.rmtree(chunks_dir, ignore_errors=True)
             for work in scratch.glob("work_*"):
                 shutil.rmtree(work, ignore_errors=True)
@@ -290,34 +377,70 @@ def score_file(root: Path, new_csv: Path, out: Path, chunk_rows: int = SCORE_CHU
             continue
         t_chunk = time.time()
         work = scratch / f"work_{k:05d}"
-        prices = scorer.price_chunk(rows.drop(columns="line"), new_csv.parent, images, work, dist)
+        prices = scorer.price_chunk(rows.drop(columns="line"), images, work, dist)
         if dist.is_main:
             atomic_save(lambda tmp: prices.to_parquet(tmp, index=False), done)
             shutil.rmtree(work, ignore_errors=True)
             log.info("chunk %d/%d: %d rows in %.1f s", k + 1, n_chunks, len(rows), time.time() - t_chunk)
         barrier(dist)  # every rank sees the chunk done before the next one starts
-    if not dist.is_main:
+    return pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True) if dist.is_main else None
+
+
+def score_held(root: Path, new_csv: Path, out: Path, chunk_rows: int, placement: list[str],
+               image_dir: Path | None) -> Path:
+    """score_file's work, with the root's lock held."""
+    from data.prepare import competition_records, raise_problems
+
+    log = setup_logging("score")
+    setup_logging("data.prepare")  # its warnings go to the console, never to a log file under the root
+    t0 = time.time()
+    scorer = Scorer(root, placement, log, image_dir)
+    dist = init_distributed(scorer.cfgs["qwen"].device)  # under torchrun the extractors share this group
+
+    # one streaming pass: every bad row named before any work, rows that trained the run counted
+    problems, n_rows, in_train = [], 0, 0
+    for record in competition_records(new_csv, False, problems):
+        n_rows += 1
+        in_train += record["sample_id"] in scorer.train_ids
+    raise_problems(new_csv, problems, n_rows)
+    if in_train and dist.is_main:
+        log.warning("%d of %d rows of %s are training rows of %s: their prices are in-sample (the models saw "
+                    "their prices), not estimates", in_train, n_rows, new_csv.name, root)
+    if dist.is_main:
+        log.info("relative image links are read from %s", scorer.image_root)
+
+    scratch = Path(str(out) + SCRATCH_SUFFIX)
+    try:
+        priced = price_chunks(scorer, new_csv, scratch, chunk_rows, n_rows, dist, log)
+        if priced is not None:
+            write_submission(out, priced["sample_id"], priced["price"].to_numpy(), test_csv=new_csv)
+    except OSError as exc:
+        if (failure := write_failure(exc, scratch)) is None:
+            raise
+        raise failure from None
+    if priced is None:
         cleanup(dist)
         return out
-
-    priced = pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True)
-    write_submission(out, priced["sample_id"], priced["price"].to_numpy(), test_csv=new_csv)
-    shutil.rmtree(chunks_dir, ignore_errors=True)
+    shutil.rmtree(scratch / "chunks", ignore_errors=True)
     (scratch / "scoring.json").unlink(missing_ok=True)
-    if not any(p.name != "failed.json" for p in images.glob("*")):  # no fetched image worth keeping
+    if not any(p.name != "failed.json" for p in (scratch / "images").glob("*")):  # no fetched image worth keeping
         shutil.rmtree(scratch, ignore_errors=True)
     seconds = time.time() - t0
-    log.info("wrote %s: %d rows priced with %s (profile %s) in %.1f s (%.0f rows/s); prices %.2f to %.2f",
-             out, len(priced), root, scorer.profile, seconds, len(priced) / max(seconds, 1e-9),
-             priced["price"].min(), priced["price"].max())
+    share = image_share(priced["has_image"])
+    log.info("wrote %s: %d rows priced with %s (profile %s) in %.1f s (%.0f rows/s); prices %.2f to %.2f; "
+             "%.0f%% of rows without a usable image (the trained run: %.0f%%)", out, len(priced), root, scorer.profile,
+             seconds, len(priced) / max(seconds, 1e-9), priced["price"].min(), priced["price"].max(), 100 * share,
+             100 * scorer.trained_image_share)
+    if warning := image_warning(share, scorer.trained_image_share, scorer.image_root, len(priced)):
+        print(warning, file=sys.stderr, flush=True)
     cleanup(dist)
     return out
 
 
 def parse_cli(argv: list[str]) -> dict:
-    """score_file's arguments from `root=R score=NEW.csv out=PRICES.csv [score_chunk_rows=N] [placement keys]`;
-    `profile` only if given (it must be the root's)."""
-    own = ("root", "score", "out", "score_chunk_rows", "profile")
+    """score_file's arguments from `root=R score=NEW.csv out=PRICES.csv [score_chunk_rows=N] [image_dir=DIR]
+    [placement keys]`; `profile` only if given (it must be the root's)."""
+    own = ("root", "score", "out", "score_chunk_rows", "image_dir", "profile")
     options = dict(a.split("=", 1) for a in argv if a.split("=", 1)[0] in own)
     missing = [k for k in ("root", "score", "out") if not options.get(k)]
     if missing:
@@ -329,6 +452,7 @@ def parse_cli(argv: list[str]) -> dict:
         raise ConfigError(f"score_chunk_rows={options['score_chunk_rows']!r}: expected a whole number") from None
     return {"root": Path(options["root"]), "new_csv": Path(options["score"]), "out": Path(options["out"]),
             "chunk_rows": chunk_rows, "placement": placement_overrides([a for a in argv if a.split("=", 1)[0] not in own]),
+            "image_dir": Path(options["image_dir"]) if options.get("image_dir") else None,
             "profile": options.get("profile")}
 
 

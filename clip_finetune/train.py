@@ -7,15 +7,19 @@
 Rows come from core.tables.encoder_rows: the model trains on the `fit` rows, early-stops and keeps
 best.pt on the `select` slice (selection_fraction of the training folds), and only then is scored
 once on the data stage's holdout fold, which it never trained on nor chose a checkpoint with, so
-fusion and the ensemble later score that fold on rows this encoder never saw. Only rows with a
-usable image take part: `has_image` true and a file that decodes; an image that fails to decode is
-counted and logged with its sample_id and the reason. When no training row has a usable image the
-stage steps aside: one log line and metrics.json {"skipped": true, "reason": ..., "complete": true}.
+fusion and the ensemble later score that fold on rows this encoder never saw. Only rows whose
+`has_image` is true take part: the data stage sets it only for an image it decoded and kept. An
+image that still fails to decode in training is left out of the loss and counted in the epoch's
+log line. When no training row has an image the stage steps aside: one log line and metrics.json
+{"skipped": true, "reason": ..., "complete": true}.
 
 The backbone learns at a far lower rate than the head; the first `freeze_blocks` blocks and the
-norms can be frozen. Warmup then cosine, AMP on CUDA, gradient clipping. The run folder
-out_dir/run_name holds config.json, last.pt (every epoch, for resume), best.pt with best.json,
-history.csv, val_predictions.csv (the holdout fold, chosen checkpoint) and metrics.json.
+norms can be frozen. Warmup then cosine, AMP (and TF32) on CUDA, gradient clipping; the loss is
+summed on the device and read every LOG_EVERY_STEPS steps. Under torchrun, early stopping and the
+checkpoint are decided on rank 0 and broadcast. The run folder out_dir/run_name holds config.json,
+last.pt (every epoch, for resume), best.pt with best.json, history.csv, val_predictions.csv (the
+holdout fold, chosen checkpoint), metrics.json and tensorboard/ (loss, learning rate, samples/s,
+selection SMAPE).
 
 With `encoder_folds=all` there is one fine-tune per fold (k times the cost): the encoder scored on
 fold k trains and chooses its checkpoint outside fold k, in out_dir/run_name/fold_<k>/ with its own
@@ -38,17 +42,18 @@ import torch
 from clip_finetune.config import PROFILES, ClipConfig
 from clip_finetune.model import ClipRegressor, freeze
 from core.config import parse_args, to_dict
-from core.distributed import barrier, cleanup, init_device
-from core.encode import describe_failures, find_undecodable, image_loader
+from core.distributed import barrier, cleanup, init_device, judge_epoch
+from core.encode import image_loader
 from core.errors import PipelineError, run_cli
 from core.io import atomic_save, write_json
 from core.losses import get_loss, l1_log_loss
 from core.metrics import format_table, price_bin_report, prices_from_log, smape
 from core.open_clip_models import image_size_of, load_open_clip
-from core.runs import (check_encoder_folds, claim_run_dir, encoder_dir, encoder_folds, finished_encoder, fold_summary,
-                       load_last, save_last)
+from core.runs import (check_encoder_folds, claim_run_dir, clear_outputs, encoder_dir, encoder_folds, finished_encoder,
+                       fold_summary, load_last, save_last)
 from core.runtime import autocast, progress, seed_everything, setup_logging, warmup_cosine
 from core.tables import encoder_rows, encoder_selection, load_table
+from core.train_log import TENSORBOARD_DIR, DeviceMean, TrainLog, enable_tf32, is_log_step
 
 
 @torch.no_grad()
@@ -58,24 +63,9 @@ def predict_log(model, loader, device, dtype) -> tuple[np.ndarray, np.ndarray]:
     out, present = [], []
     for pixels, ok, _ in loader:
         with autocast(device, dtype):
-            out.append(model(pixels.to(device, non_blocking=True)).float().cpu())
+            out.append(model(pixels.to(device, non_blocking=True)).float())  # copied to the host once, below
         present.append(ok)
-    return torch.cat(out).numpy(), torch.cat(present).numpy().astype(bool)
-
-
-def usable_images(table: pd.DataFrame, num_workers: int, dist, log) -> tuple[np.ndarray, dict]:
-    """(has_image and the file decodes, {row: reason} for files that do not). Each rank checks its
-    share of the rows; the failures are gathered so every rank trains on the same rows."""
-    failures = find_undecodable(table["image_path"].tolist(), table["has_image"], num_workers, dist.rank, dist.world_size)
-    if dist.enabled:
-        parts = [None] * dist.world_size
-        torch.distributed.all_gather_object(parts, failures)
-        failures = {row: reason for part in parts for row, reason in part.items()}
-    if failures and dist.is_main:
-        log.warning("train table: %s", describe_failures(failures, table["sample_id"]))
-    usable = table["has_image"].to_numpy(bool).copy()
-    usable[list(failures)] = False
-    return usable, failures
+    return torch.cat(out).cpu().numpy(), torch.cat(present).numpy().astype(bool)
 
 
 def step_aside(run_dir: Path, reason: str, dist, log) -> dict:
@@ -83,8 +73,8 @@ def step_aside(run_dir: Path, reason: str, dist, log) -> dict:
     metrics = {"skipped": True, "reason": reason, "complete": True}
     if dist.is_main:
         log.warning("clip_finetune steps aside, no image model is trained: %s", reason)
-        for stale in ("best.pt", "best.json", "val_predictions.csv"):  # an earlier run's outputs must not be read as this one's
-            (run_dir / stale).unlink(missing_ok=True)
+        # an earlier run's outputs must not be read as this one's
+        clear_outputs(run_dir, ("best.pt", "best.json", "val_predictions.csv", TENSORBOARD_DIR))
         for stale in run_dir.glob("fold_*"):
             shutil.rmtree(stale)
         write_json(run_dir / "metrics.json", metrics)
@@ -96,24 +86,23 @@ def step_aside(run_dir: Path, reason: str, dist, log) -> dict:
 def main(cfg: ClipConfig) -> dict:
     check_encoder_folds(cfg)  # a bad value is refused before anything is written
     dist, device, dtype = init_device(cfg.device, cfg.precision)
+    enable_tf32(device)
     run_dir = Path(cfg.out_dir) / cfg.run_name
     log = setup_logging("clip_finetune", run_dir if dist.is_main else None)
     finished = claim_run_dir(run_dir, cfg, write=dist.is_main,
                              outputs=("fold_*", "best.pt", "best.json", "last.pt", "history.csv", "val_predictions.csv",
-                                      "metrics.json"))
+                                      "metrics.json", TENSORBOARD_DIR))
     if finished:
         log.info("%s is complete for this config; nothing to do (resume=false retrains)", run_dir)
         cleanup(dist)
         return finished
 
     # data: the data stage's split. Each encoder fits on `fit`, chooses its checkpoint on `select` and
-    # scores its fold once at the end. A row without a usable image (none, or a file that fails to
-    # decode) takes part in neither: a blank image with a real price would teach the model noise.
+    # scores its fold once at the end. A row without an image takes part in neither: a blank image
+    # with a real price would teach the model noise.
     table = load_table(cfg.data_dir, "train")
     folds = encoder_folds(cfg)
-    has_image = table["has_image"].to_numpy(bool)
-    usable, failures = usable_images(table, cfg.num_workers, dist, log) if has_image.any() else (has_image, {})
-    plan = {fold: encoder_plan(cfg, table, usable, failures, fold) for fold in folds}
+    plan = {fold: encoder_plan(cfg, table, fold) for fold in folds}
     blocked = {fold: reason for fold, (_, _, reason) in plan.items() if reason}
     if blocked:
         fold, reason = next(iter(blocked.items()))
@@ -130,7 +119,7 @@ def main(cfg: ClipConfig) -> dict:
             per_fold[fold] = finished
             continue
         fit, select, _ = plan[fold]
-        per_fold[fold] = train_encoder(cfg, table, fit, select, usable, failures, fold, fold_dir, dist, device, dtype, log)
+        per_fold[fold] = train_encoder(cfg, table, fit, select, fold, fold_dir, dist, device, dtype, log)
     metrics = per_fold[fold]
     if cfg.encoder_folds == "all" and dist.is_main:
         metrics = fold_summary(per_fold)
@@ -143,27 +132,24 @@ def main(cfg: ClipConfig) -> dict:
     return metrics
 
 
-def encoder_plan(cfg: ClipConfig, table: pd.DataFrame, usable: np.ndarray, failures: dict, scored_fold: int):
+def encoder_plan(cfg: ClipConfig, table: pd.DataFrame, scored_fold: int):
     """(fit, select, reason) for the encoder scored on `scored_fold`: the rows it may train on and
     choose its checkpoint with, and why it cannot be trained (None when it can)."""
     fit, select = encoder_rows(table, scored_fold, cfg.selection_fraction, cfg.seed)
-    has_image = table["has_image"].to_numpy(bool)
     reason = None
-    if not has_image[fit].any():
+    if not table["has_image"].to_numpy(bool)[fit].any():
         reason = (f"no training row has an image (has_image is false for all {int(fit.sum())} rows outside fold "
                   f"{scored_fold} and the selection slice)")
-    elif not usable[fit].any():
-        reason = (f"none of the {int(has_image[fit].sum())} training images decodes "
-                  f"({describe_failures(failures, table['sample_id'])})")
     return fit, select, reason
 
 
-def train_encoder(cfg: ClipConfig, table: pd.DataFrame, fit: np.ndarray, select: np.ndarray, usable: np.ndarray,
-                  failures: dict, scored_fold: int, run_dir: Path, dist, device, dtype, log) -> dict:
+def train_encoder(cfg: ClipConfig, table: pd.DataFrame, fit: np.ndarray, select: np.ndarray, scored_fold: int,
+                  run_dir: Path, dist, device, dtype, log) -> dict:
     """Fine-tune one encoder on `fit`, choose its checkpoint on `select` (a slice of its training
     folds), and score `scored_fold` once with that checkpoint; everything lands in `run_dir`."""
     seed_everything(cfg.seed)
     run_dir.mkdir(parents=True, exist_ok=True)
+    usable = table["has_image"].to_numpy(bool)  # the data stage decoded and kept these images
     scored = table["fold"].to_numpy() == scored_fold
     if not usable[select].any():
         raise PipelineError(f"{cfg.data_dir}: none of the {int(select.sum())} selection rows of the encoder scored on "
@@ -172,7 +158,7 @@ def train_encoder(cfg: ClipConfig, table: pd.DataFrame, fit: np.ndarray, select:
     select_rows = table[select & usable].reset_index(drop=True)
     holdout_rows = table[scored].reset_index(drop=True)
     holdout_usable = usable[scored]
-    y_fit = torch.tensor(fit_rows["log_price"].to_numpy(), dtype=torch.float32)
+    y_fit = torch.tensor(fit_rows["log_price"].to_numpy(), dtype=torch.float32, device=device)
     price_floor = float(fit_rows["price"].min())
     price_median = float(table.loc[fit, "price"].median())  # what a row without an image is given
 
@@ -222,71 +208,85 @@ def train_encoder(cfg: ClipConfig, table: pd.DataFrame, fit: np.ndarray, select:
              size, f"{trainable:,}", len(fit_rows), len(select_rows), int(holdout_usable.sum()), scored_fold,
              int((~usable).sum()), device, dist.world_size, dtype)
 
-    for epoch in range(start_epoch, cfg.epochs):
-        if bad_epochs >= cfg.early_stopping_patience:
-            log.info("early stop: no better selection SMAPE in %d epochs", bad_epochs)
-            break
-        t0 = time.time()
-        if sampler is not None:
-            sampler.set_epoch(epoch)
-        else:
-            train_loader.generator.manual_seed(cfg.seed + epoch)  # same batches after a resume
-        ddp.train()
-        use_l1 = epoch < cfg.l1_warmup_epochs
-        epoch_loss = l1_log_loss if use_l1 else loss_fn
-        total, count, masked = 0.0, 0, 0
-        bar = progress(train_loader, desc=f"clip epoch {epoch}", disable=None if dist.is_main else True,
-                       samples_per_step=cfg.batch_size * dist.world_size, log=log)
-        for pixels, present, idx in bar:
-            with autocast(device, dtype):
-                pred = ddp(pixels.to(device, non_blocking=True))
-            keep = present.to(device)
-            n_kept = int(present.sum())
-            if n_kept:  # an image that stopped decoding since the check is left out of the loss
-                loss = epoch_loss(pred.float()[keep], y_fit[idx].to(device)[keep])
+    board = TrainLog(run_dir, enabled=dist.is_main)
+    with board:
+        for epoch in range(start_epoch, cfg.epochs):
+            if bad_epochs >= cfg.early_stopping_patience:
+                log.info("early stop: no better selection SMAPE in %d epochs", bad_epochs)
+                break
+            t0 = time.time()
+            if sampler is not None:
+                sampler.set_epoch(epoch)
             else:
-                loss = pred.float().sum() * 0.0  # nothing to learn here, but DDP ranks stay in step
-            masked += len(idx) - n_kept
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            total, count = total + float(loss.detach()) * n_kept, count + n_kept
-            bar.set_postfix(loss=total / max(count, 1), lr=optimizer.param_groups[0]["lr"])
-        if not math.isfinite(total):
-            raise FloatingPointError(f"epoch {epoch}: loss is not finite; lower lr_backbone or use loss=l1")
-        if masked:
-            log.warning("epoch %d: %d fit image(s) failed to decode during training and were left out of the loss",
-                        epoch, masked)
-        select_log, select_present = predict_log(model, select_loader, device, dtype)
-        select_smape = smape(select_rows["price"].to_numpy()[select_present],
-                             prices_from_log(select_log[select_present], price_floor))
-        improved = select_smape < best
-        best, bad_epochs = (select_smape, 0) if improved else (best, bad_epochs + 1)
-        history.append({"epoch": epoch, "train_loss": total / max(count, 1), "loss": "l1_warmup" if use_l1 else cfg.loss,
-                        "select_smape": select_smape, "lr_backbone": optimizer.param_groups[0]["lr"],
-                        "seconds": time.time() - t0})
-        if dist.is_main:
-            if improved:
-                ckpt = {"visual": model.visual.state_dict(), "head": model.head.state_dict(), "embed_dim": embed_dim,
-                        "config": to_dict(cfg), "epoch": epoch, "select_smape": select_smape,
-                        "selection": encoder_selection(cfg.selection_fraction), "price_floor": price_floor,
-                        "price_median": price_median}
-                atomic_save(lambda tmp: torch.save(ckpt, tmp), run_dir / "best.pt")
-                write_json(run_dir / "best.json", {k: v for k, v in ckpt.items() if k not in ("visual", "head")})
-            save_last(last_path, cfg, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                       "scheduler": scheduler.state_dict(), "epoch": epoch, "best": best,
-                                       "bad_epochs": bad_epochs}, history)
-        log.info("epoch %2d  loss %.4f  select SMAPE %.3f%s  lr %.2e  %.1fs", epoch, history[-1]["train_loss"],
-                 select_smape, " *" if improved else "", history[-1]["lr_backbone"], history[-1]["seconds"])
-        barrier(dist)
+                train_loader.generator.manual_seed(cfg.seed + epoch)  # same batches after a resume
+            ddp.train()
+            use_l1 = epoch < cfg.l1_warmup_epochs
+            epoch_loss = l1_log_loss if use_l1 else loss_fn
+            running, masked = DeviceMean(), 0
+            board.start()
+            bar = progress(train_loader, desc=f"clip epoch {epoch}", disable=None if dist.is_main else True,
+                           samples_per_step=cfg.batch_size * dist.world_size, log=log)
+            for step, (pixels, present, idx) in enumerate(bar):
+                with autocast(device, dtype):
+                    pred = ddp(pixels.to(device, non_blocking=True)).float()
+                target = y_fit[idx.to(device, non_blocking=True)]
+                n_kept = int(present.sum())  # `present` is on the host: no wait for the GPU
+                if n_kept == len(idx):
+                    loss = epoch_loss(pred, target)
+                elif n_kept:  # an image that failed to decode here is left out of the loss
+                    keep = present.nonzero().squeeze(1).to(device, non_blocking=True)
+                    loss = epoch_loss(pred[keep], target[keep])
+                else:
+                    loss = pred.sum() * 0.0  # nothing to learn here, but DDP ranks stay in step
+                masked += len(idx) - n_kept
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                scaler.step(optimizer)
+                scaler.update()
+                scheduler.step()
+                running.add(loss, n_kept)
+                board.count(len(idx) * dist.world_size)
+                if is_log_step(step, len(train_loader)):
+                    interval_loss, lr = running.read(), optimizer.param_groups[0]["lr"]
+                    bar.set_postfix(loss=interval_loss, lr=lr)
+                    board.scalars(epoch * len(train_loader) + step + 1, **{
+                        "train/loss": interval_loss, "train/lr_backbone": lr,
+                        "train/lr_head": optimizer.param_groups[1]["lr"], "train/samples_per_s": board.rate()})
+            if not running.finite:
+                raise FloatingPointError(f"epoch {epoch}: loss is not finite; lower lr_backbone or use loss=l1")
+            if masked:
+                log.warning("epoch %d: %d fit image(s) failed to decode during training and were left out of the loss",
+                            epoch, masked)
+            select_log, select_present = predict_log(model, select_loader, device, dtype)
+            select_smape = smape(select_rows["price"].to_numpy()[select_present],
+                                 prices_from_log(select_log[select_present], price_floor))
+            improved, best, bad_epochs = judge_epoch(dist, select_smape, best, bad_epochs)
+            history.append({"epoch": epoch, "train_loss": running.mean() if running.weight else 0.0,
+                            "loss": "l1_warmup" if use_l1 else cfg.loss, "select_smape": select_smape,
+                            "lr_backbone": optimizer.param_groups[0]["lr"], "masked_images": masked,
+                            "seconds": time.time() - t0})
+            board.scalars((epoch + 1) * len(train_loader), **{"select/smape": select_smape,
+                                                               "epoch/train_loss": history[-1]["train_loss"]})
+            if dist.is_main:
+                if improved:
+                    ckpt = {"visual": model.visual.state_dict(), "head": model.head.state_dict(),
+                            "embed_dim": embed_dim, "config": to_dict(cfg), "epoch": epoch,
+                            "select_smape": select_smape, "selection": encoder_selection(cfg.selection_fraction), "price_floor": price_floor,
+                            "price_median": price_median}
+                    atomic_save(lambda tmp: torch.save(ckpt, tmp), run_dir / "best.pt")
+                    write_json(run_dir / "best.json", {k: v for k, v in ckpt.items() if k not in ("visual", "head")})
+                save_last(last_path, cfg, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                           "scheduler": scheduler.state_dict(), "epoch": epoch, "best": best,
+                                           "bad_epochs": bad_epochs}, history)
+            log.info("epoch %2d  loss %.4f  select SMAPE %.3f%s  lr %.2e  %.1fs", epoch, history[-1]["train_loss"],
+                     select_smape, " *" if improved else "", history[-1]["lr_backbone"], history[-1]["seconds"])
+            barrier(dist)
 
     metrics = {"select_smape": best, "epochs_run": len(history), "fit_images": len(fit_rows),
                "select_images": len(select_rows), "val_images": int(holdout_usable.sum()),
-               "images_failed_to_decode": len(failures), "selection": encoder_selection(cfg.selection_fraction),
+               "selection": encoder_selection(cfg.selection_fraction),
                "scored_fold": scored_fold}
     if dist.is_main:
         metrics.update(score_holdout(model, run_dir, holdout_rows, holdout_usable, preprocess_eval, size, cfg, device,

@@ -9,7 +9,11 @@ valid keys.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
+import io
 import json
+import tokenize
 import types
 import typing
 from pathlib import Path
@@ -80,15 +84,16 @@ def apply_overrides(cfg, overrides: dict[str, str]):
 
 
 def parse_args(cls, argv: list[str] | None = None, profiles: dict | None = None):
-    """Build a config from `key=value` tokens. `profile=NAME` selects a preset first."""
+    """Build a config from `key=value` tokens. `profile=NAME` selects a preset first; `--help` lists the keys."""
     import sys
 
     argv = sys.argv[1:] if argv is None else argv
+    if any(token in ("-h", "--help") for token in argv):
+        chosen = next((t.split("=", 1)[1] for t in argv if t.startswith("profile=")), None)
+        print(describe(cls, profiles, chosen))
+        raise SystemExit(0)
     overrides: dict[str, str] = {}
     for token in argv:
-        if token in ("-h", "--help"):
-            print(describe(cls, profiles))
-            raise SystemExit(0)
         if "=" not in token:
             raise ConfigError(f"argument {token!r} is not key=value. Valid keys: {', '.join(sorted(field_types(cls)))}")
         key, value = token.split("=", 1)
@@ -104,15 +109,71 @@ def parse_args(cls, argv: list[str] | None = None, profiles: dict | None = None)
     return apply_overrides(cfg, overrides)
 
 
-def describe(cls, profiles: dict | None = None) -> str:
-    lines = [f"{cls.__module__}.{cls.__name__}: key=value overrides"]
-    defaults = cls()
-    for name in field_types(cls):
-        value = getattr(defaults, name)
-        lines.append(f"  {name} = {value if isinstance(value, Path) else repr(value)}")
-    if profiles:
-        lines.append(f"  profile = one of {', '.join(sorted(profiles))}")
+@functools.cache
+def field_comments(cls) -> dict[str, str]:
+    """{field: the comment written after it in the class's source}, e.g. what `lr: float = 1e-3  # the
+    one-cycle peak` says, joined with the comment-only lines below it whose text starts in the same column;
+    a field without one is left out."""
+    comments: dict[str, str] = {}
+    try:
+        source = inspect.getsource(cls)
+    except (OSError, TypeError):  # defined where no source can be read (an interactive session)
+        return comments
+    names = set(field_types(cls))
+    field_name, depth, line_start = None, 0, True
+    continues = None  # (field, column) a comment-only line whose text starts in that column continues
+    for token in tokenize.generate_tokens(io.StringIO(source).readline):
+        kind, text = token.type, token.string
+        words = text.lstrip("#").strip()
+        column = token.start[1] + len(text) - len(text.lstrip("#").lstrip())  # where the comment's words start
+        if kind in (tokenize.NEWLINE, tokenize.NL) and depth == 0:
+            field_name, line_start = None, True
+            continue
+        if kind in (tokenize.INDENT, tokenize.DEDENT):
+            continue
+        if kind == tokenize.COMMENT and line_start:
+            if continues and abs(continues[1] - column) <= 2:  # aligned by hand, give or take a column
+                comments[continues[0]] += " " + words
+            else:
+                continues = None
+        elif kind == tokenize.COMMENT and field_name and field_name not in comments:
+            comments[field_name] = words
+            continues = (field_name, column)
+        elif line_start:
+            continues = None
+            # a field's line starts with its name
+            field_name = text if kind == tokenize.NAME and text in names else None
+        if kind == tokenize.OP:
+            depth += text in "([{"
+            depth -= text in ")]}"
+        line_start = False
+    return comments
+
+
+def describe_config(cfg, title: str, prefix: str = "") -> str:
+    """`title`, then one line per field of `cfg`: key = value  # its comment from the config's source."""
+    comments = field_comments(type(cfg))
+    lines = [title]
+    for name in field_types(type(cfg)):
+        value = getattr(cfg, name)
+        line = f"  {prefix}{name} = {value if isinstance(value, Path) else repr(value)}"
+        lines.append(f"{line}  # {comments[name]}" if name in comments else line)
     return "\n".join(lines)
+
+
+def describe(cls, profiles: dict | None = None, profile: str | None = None) -> str:
+    """Every key of `cls` with its default (the chosen profile's, else the `default` profile's, else the
+    class's) and its comment."""
+    profiles = profiles or {}
+    if profile is not None and profile not in profiles:
+        raise ConfigError(f"unknown profile {profile!r}; profiles: {', '.join(sorted(profiles)) or 'none'}")
+    name = profile or ("default" if "default" in profiles else None)
+    cfg = profiles[name] if name else cls()
+    shown = f" (profile {name})" if name else ""
+    text = describe_config(cfg, f"{cls.__module__}.{cls.__name__}: key=value overrides, defaults{shown}")
+    if profiles:
+        text += f"\n  profile = one of {', '.join(sorted(profiles))}  # the preset the overrides start from"
+    return text
 
 
 def to_dict(cfg) -> dict:

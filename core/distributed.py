@@ -65,3 +65,23 @@ def init_device(preference: str = "auto", precision: str = "auto"):
     if device.type == "cuda" and dist.enabled:
         device = torch.device("cuda", dist.local_rank)
     return dist, device, amp_dtype(device, precision)
+
+
+def from_main(info: DistInfo, value):
+    """Rank 0's `value` (any picklable object) on every rank; `value` itself without torchrun."""
+    if not info.enabled:
+        return value
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def judge_epoch(info: DistInfo, score: float, best: float, bad_epochs: int) -> tuple[bool, float, int]:
+    """(improved, best, bad_epochs) after an epoch whose selection figure is `score`, decided on rank 0
+    from its own figure and broadcast: ranks whose figures differ (a float that rounds differently,
+    a rank that sees other rows) would otherwise keep different checkpoints or stop at different
+    epochs, and the rank still training would wait forever in a collective."""
+    improved = score < best
+    return from_main(info, (improved, score if improved else best, 0 if improved else bad_epochs + 1))

@@ -10,12 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from core.config import parse_args
 from core.errors import run_cli
 from core.io import read_json, write_json
-from core.open_clip_models import make_tiny_open_clip, train_tiny_tokenizer
 from core.tables import load_table
 
 TINY_QWEN3 = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -24,7 +21,10 @@ TINY_QWEN3 = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, nu
 
 def make_tiny_qwen3(folder: Path, corpus, seed: int = 0) -> Path:
     """A 2-layer Qwen3 with a WordPiece tokenizer trained on `corpus`, padding on the left."""
+    import torch
     from transformers import AutoModel, Qwen3Config
+
+    from core.open_clip_models import train_tiny_tokenizer
 
     folder = Path(folder)
     tokenizer = train_tiny_tokenizer(corpus, vocab_size=2000)
@@ -45,6 +45,8 @@ class TinyModelsConfig:
 
 
 def main(cfg: TinyModelsConfig) -> Path:
+    from core.open_clip_models import make_tiny_open_clip  # torch: imported only when models are built
+
     marker = Path(cfg.out_dir) / "tiny_models.json"
     if marker.exists() and read_json(marker) == {"seed": cfg.seed, "data_dir": str(cfg.data_dir)}:
         print(f"{cfg.out_dir}: tiny models already built")

@@ -1,11 +1,18 @@
 """The fields every fusion model shares. Each model's own `config.py` (fusion/all_embeddings,
-fusion/qwen_clip) holds the instance a user edits, and its tiny profile."""
+fusion/qwen_clip) holds the instance a user edits, and its tiny profile. Importing this imports no
+torch: the pipeline checks every setting before any stage loads a model."""
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from core.losses import DEFAULT_THRESHOLDS, DEFAULT_TIER_WEIGHTS
+from core.config import ConfigError
+from core.metrics import PRICE_BIN_EDGES
+
+MODELS = ("all_embeddings", "qwen_clip")  # each a folder fusion/<model>/ with a config.py
+DEFAULT_THRESHOLDS = PRICE_BIN_EDGES  # the loss's price tiers are the report's price bins (as in core.losses)
+DEFAULT_TIER_WEIGHTS = (10.0, 8.0, 6.0, 4.0, 2.0, 1.0)  # one per tier, cheapest first (as in core.losses)
 
 
 @dataclass
@@ -60,7 +67,7 @@ class FusionConfig:
     selection_fraction: float = 0.1  # inner: share of the training folds' rows held out to judge epochs
     encoder_unseen_folds: list[int] | None = None  # folds no upstream encoder trained on; None: all (frozen encoders)
     seed: int = 42
-    device: str = "auto"  # auto | cpu | cuda
+    device: str = "cuda"  # real sizes want a GPU: no CUDA stops the run before any work; cpu | auto | cuda:N
     precision: str = "auto"  # auto (bf16 on CUDA) | fp16 | fp32
     resume: bool = True  # continue an interrupted run with the same config; a finished fold is skipped
 
@@ -70,7 +77,7 @@ def tiny_profile(cfg: FusionConfig, **changes) -> FusionConfig:
     return replace(cfg, data_dir=Path("checkpoints/demo/data"), embeddings_dir=Path("checkpoints/demo/embeddings"),
                    out_dir=Path("checkpoints/demo/fusion"), predictions_dir=Path("checkpoints/demo/predictions"),
                    hidden_dim=64, n_heads=4, batch_size=128, epochs=60, early_stopping_patience=12, dropout=0.1,
-                   **changes)
+                   device="auto", **changes)
 
 
 def small_profile(cfg: FusionConfig, **changes) -> FusionConfig:
@@ -87,4 +94,11 @@ def small_profile(cfg: FusionConfig, **changes) -> FusionConfig:
     return replace(cfg, data_dir=Path("checkpoints/small/data"), embeddings_dir=Path("checkpoints/small/embeddings"),
                    out_dir=Path("checkpoints/small/fusion"), predictions_dir=Path("checkpoints/small/predictions"),
                    folds="all", hidden_dim=256, n_heads=4, batch_size=128, epochs=80, early_stopping_patience=10,
-                   plateau_patience=3, dropout=0.3, **changes)
+                   plateau_patience=3, dropout=0.3, device="auto", **changes)
+
+
+def model_profiles(model: str) -> dict:
+    """The profiles of fusion model `model` (fusion/<model>/config.py)."""
+    if model not in MODELS:
+        raise ConfigError(f"unknown model {model!r}; choose from {', '.join(MODELS)}")
+    return importlib.import_module(f"fusion.{model}.config").PROFILES

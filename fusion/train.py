@@ -11,14 +11,17 @@ predictions for every training row. With `selection=inner` (the default) the epo
 stopping, LR plateau, best checkpoint) are judged on a seeded slice of the training folds and the
 scored fold is predicted once, at the end; `selection=scored_fold` judges them on the scored fold
 itself (optimistic). Sources whose cache was skipped are left out with a log line. Embeddings are
-kept as tensors on the device and batches are indexed directly. The run folder out_dir/run_name
-holds config.json, metrics.json (the folds this run trained) and per fold best.pt (+ best.json),
-last.pt (resume), history.csv, metrics.json and val_predictions.csv; a fresh start (resume=false,
-or nothing to resume) first clears what an earlier run left there.
+kept as tensors on the device and batches are indexed directly; the loss and the expert load are
+summed on the device and read every LOG_EVERY_STEPS steps, and TF32 is on for fp32 matmuls on
+CUDA. The run folder out_dir/run_name holds config.json, metrics.json (the folds this run
+trained) and per fold best.pt (+ best.json), last.pt (resume: written at most every
+LAST_SAVE_SECONDS and when the fold's training ends), history.csv (with last.pt), metrics.json,
+val_predictions.csv and tensorboard/ (loss, learning rate, samples/s, selection SMAPE, expert
+load); a fresh start (resume=false, or nothing to resume) first clears what an earlier run left
+there. This trainer runs in one process (fusion's epochs take seconds on one GPU).
 """
 from __future__ import annotations
 
-import importlib
 import math
 import shutil
 import sys
@@ -37,21 +40,18 @@ from core.metrics import format_table, price_bin_report, prices_from_log, smape
 from core.runs import claim_run_dir, is_fresh_start, load_last, save_last
 from core.runtime import amp_dtype, autocast, pick_device, progress, seed_everything, setup_logging
 from core.tables import encoder_rows, holdout_fold, load_table, n_folds
-from fusion.config import FusionConfig
-from fusion.inference import (EXPERT_LOAD_NOTE, FusionInputs, available_sources, expert_load, load_checkpoint,
-                              load_inputs, pooled_load, predict_log, predict_with_load, with_fold_sources)
+from core.train_log import DeviceMean, TrainLog, enable_tf32, is_log_step
+from fusion.config import FusionConfig, model_profiles
+from fusion.inference import (EXPERT_LOAD_NOTE, FusionInputs, available_sources, load_checkpoint, load_inputs,
+                              pooled_load, predict_log, predict_with_load, with_fold_sources)
 from fusion.models import build_model, count_parameters, specs_to_dicts
 
-MODELS = ("all_embeddings", "qwen_clip")
 SELECTIONS = ("inner", "scored_fold")
 # what a run writes in its folder; a fresh start removes these before training
 RUN_OUTPUTS = ("fold_*", "metrics.json", "oof_predictions.csv", "test_out.csv", "eval")
-
-
-def model_profiles(model: str) -> dict:
-    if model not in MODELS:
-        raise ConfigError(f"unknown model {model!r}; choose from {', '.join(MODELS)}")
-    return importlib.import_module(f"fusion.{model}.config").PROFILES
+# seconds between two writes of a fold's last.pt (plus one when the fold ends): at full size it is
+# about 130 MB and an epoch takes about a second, so saving every epoch would dominate the run
+LAST_SAVE_SECONDS = 60.0
 
 
 def parse_cli(argv: list[str] | None = None) -> FusionConfig:
@@ -65,6 +65,15 @@ def parse_cli(argv: list[str] | None = None) -> FusionConfig:
     if not any(t.startswith("profile=") for t in argv):
         argv.insert(0, "profile=default")
     return parse_args(FusionConfig, argv, profiles)
+
+
+def routed_load(model) -> torch.Tensor | None:
+    """The last forward pass's per-expert share of rows, left on the device (None without experts)."""
+    for module in model.modules():
+        load = getattr(module, "last_load", None)
+        if load is not None:
+            return load
+    return None
 
 
 def selection_rows(cfg: FusionConfig, table: pd.DataFrame, fold: int) -> tuple[np.ndarray, np.ndarray]:
@@ -132,62 +141,85 @@ def train_fold(cfg: FusionConfig, fold: int, table: pd.DataFrame, inputs: Fusion
              fold, len(train_idx), len(select_idx), len(val_idx), cfg.selection, f"{count_parameters(model):,}",
              device, dtype)
 
-    for epoch in range(start_epoch, cfg.epochs):
-        if bad_epochs >= cfg.early_stopping_patience:
-            break
-        t0 = time.time()
-        model.train()
-        use_l1 = epoch < cfg.l1_warmup_epochs
-        gen = torch.Generator(device="cpu").manual_seed(cfg.seed * 1000 + fold * 100_000 + epoch)
-        perm = train_idx[torch.randperm(len(train_idx), generator=gen).to(device)]
-        total, count, loads = 0.0, 0, []
-        bar = progress(range(0, len(perm), cfg.batch_size), desc=f"fold {fold} epoch {epoch}", leave=False,
-                       samples_per_step=cfg.batch_size, log=log)
-        for start in bar:
-            idx = perm[start:start + cfg.batch_size]
-            xb, mb = inputs.batch(idx)
-            with autocast(device, dtype):
-                pred, aux = model(xb, mb)
-            loss = (l1_log_loss if use_l1 else loss_fn)(pred.float(), y[idx]) + aux.float()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            total += float(loss.detach()) * len(idx)
-            count += len(idx)
-            bar.set_postfix(loss=total / count)
-            if (load := expert_load(model)) is not None:
-                loads.append(load)
-        if not math.isfinite(total):
-            raise FloatingPointError(f"fold {fold} epoch {epoch}: loss is not finite; lower lr or check the embeddings for NaN")
-        select_pred = prices_from_log(predict_log(model, inputs, select_idx, cfg.batch_size, device, dtype), price_floor)
-        select_smape = smape(y_select_price, select_pred)
-        scheduler.step(select_smape)
-        row = {"epoch": epoch, "train_loss": total / max(count, 1), "loss": "l1_warmup" if use_l1 else cfg.loss,
-               "select_smape": select_smape, "lr": optimizer.param_groups[0]["lr"], "seconds": time.time() - t0}
-        if loads:
-            row["expert_load"] = str(np.mean(loads, 0).round(3).tolist())
-        history.append(row)
-        improved = select_smape < best
-        if improved:
-            best, best_epoch, bad_epochs = select_smape, epoch, 0
-            ckpt = {"model": model.state_dict(), "config": to_dict(cfg), "sources": specs_to_dicts(inputs.specs),
-                    "epoch": epoch, "select_smape": select_smape, "selection": cfg.selection,
-                    "price_floor": price_floor, "fold": fold}
-            atomic_save(lambda tmp: torch.save(ckpt, tmp), fold_dir / "best.pt")
-            write_json(fold_dir / "best.json", {k: v for k, v in ckpt.items() if k != "model"})
-        else:
-            bad_epochs += 1
-        log.info("fold %d epoch %3d  loss %.4f  selection SMAPE %.3f%s  lr %.2e  %.1fs%s", fold, epoch,
-                 row["train_loss"], select_smape, " *" if improved else "", row["lr"], row["seconds"],
-                 f"  expert load {row['expert_load']}" if loads else "")
-        save_last(last_path, cfg, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                   "scheduler": scheduler.state_dict(), "epoch": epoch, "best": best,
-                                   "best_epoch": best_epoch, "bad_epochs": bad_epochs}, history)
+    board = TrainLog(fold_dir)
+    last_saved, saved_epoch = time.monotonic(), start_epoch - 1
+    with board:
+        for epoch in range(start_epoch, cfg.epochs):
+            if bad_epochs >= cfg.early_stopping_patience:
+                break
+            t0 = time.time()
+            model.train()
+            use_l1 = epoch < cfg.l1_warmup_epochs
+            gen = torch.Generator(device="cpu").manual_seed(cfg.seed * 1000 + fold * 100_000 + epoch)
+            perm = train_idx[torch.randperm(len(train_idx), generator=gen).to(device)]
+            running, loads = DeviceMean(), DeviceMean()
+            board.start()
+            steps = math.ceil(len(perm) / cfg.batch_size)
+            bar = progress(range(0, len(perm), cfg.batch_size), desc=f"fold {fold} epoch {epoch}", leave=False,
+                           samples_per_step=cfg.batch_size, log=log)
+            for step, start in enumerate(bar):
+                idx = perm[start:start + cfg.batch_size]
+                xb, mb = inputs.batch(idx)
+                with autocast(device, dtype):
+                    pred, aux = model(xb, mb)
+                loss = (l1_log_loss if use_l1 else loss_fn)(pred.float(), y[idx]) + aux.float()
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                optimizer.step()
+                running.add(loss, len(idx))
+                if (load := routed_load(model)) is not None:
+                    loads.add(load)
+                board.count(len(idx))
+                if is_log_step(step, steps):
+                    interval_loss = running.read()
+                    loads.read()  # into the epoch's mean load
+                    bar.set_postfix(loss=interval_loss)
+                    board.scalars(epoch * steps + step + 1, **{"train/loss": interval_loss,
+                                                               "train/samples_per_s": board.rate()})
+            if not running.finite:
+                raise FloatingPointError(f"fold {fold} epoch {epoch}: loss is not finite; lower lr or check the "
+                                         "embeddings for NaN")
+            select_pred = prices_from_log(predict_log(model, inputs, select_idx, cfg.batch_size, device, dtype),
+                                          price_floor)
+            select_smape = smape(y_select_price, select_pred)
+            scheduler.step(select_smape)
+            row = {"epoch": epoch, "train_loss": running.mean(), "loss": "l1_warmup" if use_l1 else cfg.loss,
+                   "select_smape": select_smape, "lr": optimizer.param_groups[0]["lr"], "seconds": time.time() - t0}
+            epoch_load = loads.mean()
+            if epoch_load is not None:
+                row["expert_load"] = str(np.round(epoch_load, 3).tolist())
+            history.append(row)
+            board.scalars((epoch + 1) * steps, **{"select/smape": select_smape, "train/lr": row["lr"],
+                                                  "epoch/train_loss": row["train_loss"]},
+                          **{f"expert_load/expert_{e}": x for e, x in enumerate(epoch_load or [])})
+            improved = select_smape < best
+            if improved:
+                best, best_epoch, bad_epochs = select_smape, epoch, 0
+                ckpt = {"model": model.state_dict(), "config": to_dict(cfg), "sources": specs_to_dicts(inputs.specs),
+                        "epoch": epoch, "select_smape": select_smape, "selection": cfg.selection,
+                        "price_floor": price_floor, "fold": fold}
+                atomic_save(lambda tmp: torch.save(ckpt, tmp), fold_dir / "best.pt")
+                write_json(fold_dir / "best.json", {k: v for k, v in ckpt.items() if k != "model"})
+            else:
+                bad_epochs += 1
+            log.info("fold %d epoch %3d  loss %.4f  selection SMAPE %.3f%s  lr %.2e  %.1fs%s", fold, epoch,
+                     row["train_loss"], select_smape, " *" if improved else "", row["lr"], row["seconds"],
+                     f"  expert load {row['expert_load']}" if "expert_load" in row else "")
+            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                     "scheduler": scheduler.state_dict(), "epoch": epoch, "best": best, "best_epoch": best_epoch,
+                     "bad_epochs": bad_epochs}
+            if time.monotonic() - last_saved >= LAST_SAVE_SECONDS:
+                save_last(last_path, cfg, state, history)
+                last_saved, saved_epoch = time.monotonic(), epoch
+        if history and saved_epoch < history[-1]["epoch"]:  # the end of the fold's training is always saved
+            save_last(last_path, cfg, state, history)
 
     # the scored fold is predicted once, with the chosen checkpoint
-    model, _ = load_checkpoint(fold_dir / "best.pt", device)
+    model, chosen = load_checkpoint(fold_dir / "best.pt", device)
+    # best.pt may come from epochs replayed after a resume from an older last.pt: report the file's own
+    best, best_epoch = chosen["select_smape"], chosen["epoch"]
     val_log, val_load = predict_with_load(model, inputs, val_idx, cfg.batch_size, device, dtype)
     val_pred = prices_from_log(val_log, price_floor)
     val_ids = table["sample_id"].to_numpy()[is_val]
@@ -224,6 +256,7 @@ def main(cfg: FusionConfig) -> dict:
     if fresh:
         clear_predictions(cfg, log)
     device = pick_device(cfg.device)
+    enable_tf32(device)
     table = load_table(cfg.data_dir, "train")
     inputs = load_inputs(cfg, "train", table["sample_id"].tolist(), device, sources)
     log.info("sources: %s", ", ".join(f"{s.name} ({s.modality}, {s.dim})" for s in inputs.specs))

@@ -12,7 +12,10 @@ outside the data stage's holdout fold and chooses its checkpoint (early stopping
 `selection_fraction` slice of those folds, so the holdout fold, on which fusion and the ensemble are
 scored, is neither trained on nor used to choose; it is scored once at the end. The run folder
 out_dir/run_name holds config.json, epoch_<k>/ and best/ (adapter + head + scaler), last.pt
-(optimizer, scheduler and loop state for resume), history.csv and metrics.json.
+(optimizer, scheduler and loop state for resume), history.csv, metrics.json and tensorboard/ (loss,
+learning rate, samples/s, selection SMAPE). The loss is summed on the device and read every
+LOG_EVERY_STEPS steps; TF32 is on for fp32 matmuls on CUDA. Under torchrun, early stopping and the
+checkpoint are decided on rank 0 and broadcast.
 """
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ import torch
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
 from core.config import parse_args, to_dict
-from core.distributed import barrier, cleanup, init_device
+from core.distributed import barrier, cleanup, init_device, judge_epoch
 from core.errors import run_cli
 from core.io import write_json
 from core.losses import get_loss, l1_log_loss
@@ -35,6 +38,7 @@ from core.runs import (check_encoder_folds, claim_run_dir, encoder_dir, encoder_
                        load_last, save_last)
 from core.runtime import autocast, progress, seed_everything, setup_logging, warmup_cosine
 from core.tables import STRUCTURAL_FEATURES, encoder_rows, encoder_selection, load_table
+from core.train_log import TENSORBOARD_DIR, DeviceMean, TrainLog, enable_tf32, is_log_step
 from qwen3_finetune.config import PROFILES, QwenConfig
 from qwen3_finetune.model import (FeatureScaler, PriceRegressor, add_lora, collate, length_batches, load_backbone,
                                   load_checkpoint, load_tokenizer, pads_left, qwen_input_text, run_rows,
@@ -43,10 +47,12 @@ from qwen3_finetune.model import (FeatureScaler, PriceRegressor, add_lora, colla
 
 def main(cfg: QwenConfig) -> dict:
     dist, device, dtype = init_device(cfg.device, cfg.precision)
+    enable_tf32(device)
     run_dir = Path(cfg.out_dir) / cfg.run_name
     log = setup_logging("qwen3_finetune", run_dir if dist.is_main else None)
     check_encoder_folds(cfg)
-    finished = claim_run_dir(run_dir, cfg, write=dist.is_main, outputs=("fold_*", "epoch_*", "best", "last.pt", "metrics.json"))
+    finished = claim_run_dir(run_dir, cfg, write=dist.is_main,
+                             outputs=("fold_*", "epoch_*", "best", "last.pt", "metrics.json", TENSORBOARD_DIR))
     if not cfg.finetune:
         metrics = {"skipped": True, "reason": "finetune=false: the encoder stays frozen; extraction reads the base model",
                    "complete": True}
@@ -93,7 +99,7 @@ def train_encoder(cfg: QwenConfig, table, token_ids, tokenizer, scored_fold: int
 
     scaler = FeatureScaler().fit(table.loc[is_fit, STRUCTURAL_FEATURES].to_numpy())
     features = scaler.transform(table[STRUCTURAL_FEATURES].to_numpy())
-    y = torch.tensor(table["log_price"].to_numpy(), dtype=torch.float32)
+    y = torch.tensor(table["log_price"].to_numpy(), dtype=torch.float32, device=device)
     train_idx, val_idx = np.flatnonzero(is_fit), np.flatnonzero(is_select)
     price_floor = float(table.loc[is_fit, "price"].min())
 
@@ -129,56 +135,75 @@ def train_encoder(cfg: QwenConfig, table, token_ids, tokenizer, scored_fold: int
              "device %s x%d, amp %s", cfg.model, cfg.quantization, cfg.lora_r, cfg.pooling, f"{n_trainable:,}",
              len(train_idx), len(val_idx), np.mean([len(t) for t in token_ids]), device, dist.world_size, dtype)
 
-    for epoch in range(start_epoch, cfg.epochs):
-        if bad_epochs >= cfg.early_stopping_patience:
-            log.info("early stop: no better selection SMAPE in %d epochs", bad_epochs)
-            break
-        t0 = time.time()
-        ddp.train()
-        use_l1 = epoch < cfg.l1_warmup_epochs
-        batches = length_batches([len(token_ids[i]) for i in train_idx], cfg.batch_size, True, cfg.seed + epoch,
-                                 dist.rank, dist.world_size)
-        total, count, tokens = 0.0, 0, 0
-        bar = progress(batches, desc=f"qwen epoch {epoch}", disable=None if dist.is_main else True,
-                       samples_per_step=cfg.batch_size * dist.world_size, log=log)
-        for step, local in enumerate(bar):
-            idx = train_idx[local]
-            ids, mask = collate(token_ids, idx, tokenizer.pad_token_id, device, left=pads_left(cfg.pooling))
-            with autocast(device, dtype):
-                pred = ddp(ids, mask, torch.from_numpy(features[idx]).to(device))
-            loss = (l1_log_loss if use_l1 else loss_fn)(pred.float(), y[idx].to(device))
-            (loss / cfg.grad_accum).backward()
-            if (step + 1) % cfg.grad_accum == 0 or step + 1 == len(batches):
-                torch.nn.utils.clip_grad_norm_(lora_params + list(model.head.parameters()), cfg.grad_clip)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            total, count, tokens = total + float(loss.detach()) * len(idx), count + len(idx), tokens + int(mask.sum())
-            bar.set_postfix(loss=total / count, lr=optimizer.param_groups[0]["lr"])
-        if not math.isfinite(total):
-            raise FloatingPointError(f"epoch {epoch}: loss is not finite; lower lr, or use precision=bf16 on GPU")
-        val_log = run_rows(model, [token_ids[i] for i in val_idx], features[val_idx], cfg.eval_batch_size,
-                           tokenizer.pad_token_id, device, dtype)
-        val_pred = prices_from_log(val_log, price_floor)
-        val_smape = smape(table["price"].to_numpy()[val_idx], val_pred)
-        improved = val_smape < best
-        best, bad_epochs = (val_smape, 0) if improved else (best, bad_epochs + 1)
-        seconds = time.time() - t0
-        history.append({"epoch": epoch, "train_loss": total / max(count, 1), "loss": "l1_warmup" if use_l1 else cfg.loss,
-                        "selection_smape": val_smape, "lr": optimizer.param_groups[0]["lr"], "seconds": seconds,
-                        "train_tokens_per_s": tokens * dist.world_size / seconds})
-        if dist.is_main:
-            meta = {"config": to_dict(cfg), "epoch": epoch, "selection_smape": val_smape, "price_floor": price_floor}
-            save_checkpoint(run_dir / f"epoch_{epoch}", model, scaler, meta)
-            if improved:
-                shutil.rmtree(run_dir / "best", ignore_errors=True)
-                shutil.copytree(run_dir / f"epoch_{epoch}", run_dir / "best")
-            save_last(last_path, cfg, {"adapter": get_peft_model_state_dict(backbone), "head": model.head.state_dict(),
-                                       "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                                       "epoch": epoch, "best": best, "bad_epochs": bad_epochs}, history)
-        log.info("epoch %d  loss %.4f  selection SMAPE %.3f%s  lr %.2e  %.0f tokens/s  %.1fs", epoch, history[-1]["train_loss"],
-                 val_smape, " *" if improved else "", history[-1]["lr"], history[-1]["train_tokens_per_s"], seconds)
-        barrier(dist)
+    board = TrainLog(run_dir, enabled=dist.is_main)
+    with board:
+        for epoch in range(start_epoch, cfg.epochs):
+            if bad_epochs >= cfg.early_stopping_patience:
+                log.info("early stop: no better selection SMAPE in %d epochs", bad_epochs)
+                break
+            t0 = time.time()
+            ddp.train()
+            use_l1 = epoch < cfg.l1_warmup_epochs
+            batches = length_batches([len(token_ids[i]) for i in train_idx], cfg.batch_size, True, cfg.seed + epoch,
+                                     dist.rank, dist.world_size)
+            running, tokens = DeviceMean(), 0
+            board.start()
+            bar = progress(batches, desc=f"qwen epoch {epoch}", disable=None if dist.is_main else True,
+                           samples_per_step=cfg.batch_size * dist.world_size, log=log)
+            for step, local in enumerate(bar):
+                idx = train_idx[local]
+                # built on the host and copied without blocking: a blocking copy would wait for the GPU
+                ids, mask = collate(token_ids, idx, tokenizer.pad_token_id, torch.device("cpu"),
+                                    left=pads_left(cfg.pooling))
+                ids, mask = ids.to(device, non_blocking=True), mask.to(device, non_blocking=True)
+                with autocast(device, dtype):
+                    pred = ddp(ids, mask, torch.from_numpy(features[idx]).to(device, non_blocking=True))
+                target = y[torch.from_numpy(idx).to(device, non_blocking=True)]
+                loss = (l1_log_loss if use_l1 else loss_fn)(pred.float(), target)
+                (loss / cfg.grad_accum).backward()
+                if (step + 1) % cfg.grad_accum == 0 or step + 1 == len(batches):
+                    torch.nn.utils.clip_grad_norm_(lora_params + list(model.head.parameters()), cfg.grad_clip)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                running.add(loss, len(idx))
+                tokens += sum(len(token_ids[i]) for i in idx)  # the mask's sum, counted on the host
+                board.count(len(idx) * dist.world_size)
+                if is_log_step(step, len(batches)):
+                    interval_loss, lr = running.read(), optimizer.param_groups[0]["lr"]
+                    bar.set_postfix(loss=interval_loss, lr=lr)
+                    board.scalars(epoch * len(batches) + step + 1, **{
+                        "train/loss": interval_loss, "train/lr": lr, "train/lr_head": optimizer.param_groups[1]["lr"],
+                        "train/samples_per_s": board.rate()})
+            if not running.finite:
+                raise FloatingPointError(f"epoch {epoch}: loss is not finite; lower lr, or use precision=bf16 on GPU")
+            val_log = run_rows(model, [token_ids[i] for i in val_idx], features[val_idx], cfg.eval_batch_size,
+                               tokenizer.pad_token_id, device, dtype)
+            val_pred = prices_from_log(val_log, price_floor)
+            val_smape = smape(table["price"].to_numpy()[val_idx], val_pred)
+            improved, best, bad_epochs = judge_epoch(dist, val_smape, best, bad_epochs)
+            seconds = time.time() - t0
+            history.append({"epoch": epoch, "train_loss": running.mean(), "loss": "l1_warmup" if use_l1 else cfg.loss,
+                            "selection_smape": val_smape, "lr": optimizer.param_groups[0]["lr"], "seconds": seconds,
+                            "train_tokens_per_s": tokens * dist.world_size / seconds})
+            board.scalars((epoch + 1) * len(batches), **{
+                "select/smape": val_smape, "epoch/train_loss": history[-1]["train_loss"],
+                "epoch/train_tokens_per_s": history[-1]["train_tokens_per_s"]})
+            if dist.is_main:
+                meta = {"config": to_dict(cfg), "epoch": epoch, "selection_smape": val_smape,
+                        "price_floor": price_floor}
+                save_checkpoint(run_dir / f"epoch_{epoch}", model, scaler, meta)
+                if improved:
+                    shutil.rmtree(run_dir / "best", ignore_errors=True)
+                    shutil.copytree(run_dir / f"epoch_{epoch}", run_dir / "best")
+                save_last(last_path, cfg, {"adapter": get_peft_model_state_dict(backbone),
+                                           "head": model.head.state_dict(), "optimizer": optimizer.state_dict(),
+                                           "scheduler": scheduler.state_dict(), "epoch": epoch, "best": best,
+                                           "bad_epochs": bad_epochs}, history)
+            log.info("epoch %d  loss %.4f  selection SMAPE %.3f%s  lr %.2e  %.0f tokens/s  %.1fs", epoch,
+                     history[-1]["train_loss"], val_smape, " *" if improved else "", history[-1]["lr"],
+                     history[-1]["train_tokens_per_s"], seconds)
+            barrier(dist)
 
     metrics = {}
     if dist.is_main:  # the chosen checkpoint, scored once on the fold it never saw

@@ -45,6 +45,26 @@ def test_finetuning_beats_the_constant_median_on_the_image_signal(finetuned):
     assert metrics["select_images"] > 0 and metrics["best_epoch"] >= 0
 
 
+def scalar_tags(run_dir) -> dict:
+    """{tag: [values]} from the TensorBoard event files in `run_dir`/tensorboard."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(Path(run_dir) / "tensorboard"))
+    events.Reload()
+    return {tag: [s.value for s in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def test_training_scalars_reach_tensorboard_in_the_run_folder(finetuned):
+    cfg, metrics = finetuned
+    run_dir = Path(cfg.out_dir) / cfg.run_name
+    scalars = scalar_tags(run_dir)
+    assert {"train/loss", "train/lr_backbone", "train/samples_per_s", "select/smape"} <= set(scalars)
+    history = pd.read_csv(run_dir / "history.csv")
+    np.testing.assert_allclose(scalars["select/smape"], history["select_smape"], rtol=1e-6)
+    np.testing.assert_allclose(scalars["epoch/train_loss"], history["train_loss"], rtol=1e-6)
+    assert len(scalars["train/loss"]) >= metrics["epochs_run"] and all(v > 0 for v in scalars["train/samples_per_s"])
+
+
 def test_extraction_writes_aligned_masked_vectors_and_head_predictions(demo_catalog, finetuned):
     cfg, _ = finetuned
     extract_embeddings.main(cfg)
@@ -211,7 +231,7 @@ def per_fold(demo_catalog, tiny_models, tmp_path_factory):
         return real["image_loader"](paths, *args, **kwargs)
 
     def train_encoder(*args):
-        spied["trained"][run].append(args[6])  # scored_fold
+        spied["trained"][run].append(args[4])  # scored_fold
         return real["train_encoder"](*args)
 
     def load_last(path, *args, **kwargs):

@@ -119,7 +119,8 @@ def test_evaluate_by_groups_writes_table_and_plots(trained):
         assert (out / name).stat().st_size > 0
 
 
-def test_interrupted_training_resumes_to_the_same_history(planted, tmp_path, interrupt):
+def test_interrupted_training_resumes_to_the_same_history(planted, tmp_path, interrupt, monkeypatch):
+    monkeypatch.setattr(train, "LAST_SAVE_SECONDS", 0.0)  # last.pt after every epoch
     args = ["model=qwen_clip", *cli(planted, tmp_path / "a", "epochs=6", "l1_warmup_epochs=2")]
     train.main(train.parse_cli(args))
     reference = pd.read_csv(tmp_path / "a/qwen_clip/fold_0/history.csv")
@@ -134,6 +135,115 @@ def test_interrupted_training_resumes_to_the_same_history(planted, tmp_path, int
     np.testing.assert_allclose(resumed["select_smape"], reference["select_smape"], rtol=1e-6)
     with pytest.raises(train.ConfigError, match="another config"):
         train.main(train.parse_cli(args_b[:-1] + ["l1_warmup_epochs=1"]))
+
+
+def saved_epochs(monkeypatch, keep=lambda epoch: True):
+    """Spy on fusion's save_last: the epoch of every write, which goes through only when keep(epoch)."""
+    real, epochs = train.save_last, []
+
+    def spy(path, cfg, state, history):
+        epochs.append(state["epoch"])
+        if keep(state["epoch"]):
+            real(path, cfg, state, history)
+
+    monkeypatch.setattr(train, "save_last", spy)
+    return epochs
+
+
+def test_last_pt_is_written_at_most_once_a_minute_and_when_the_fold_ends(planted, tmp_path, monkeypatch,
+                                                                          interrupt):
+    args = ["model=qwen_clip", *cli(planted, tmp_path / "a", "epochs=6", "l1_warmup_epochs=2")]
+    real_save_last = train.save_last
+    epochs = saved_epochs(monkeypatch)
+    train.main(train.parse_cli(args))
+    assert epochs == [5]  # six epochs in a few seconds: one write, at the end
+    reference = pd.read_csv(tmp_path / "a/qwen_clip/fold_0/history.csv")
+    assert len(reference) == 6
+    monkeypatch.setattr(train, "LAST_SAVE_SECONDS", 0.0)
+    epochs.clear()
+    train.main(train.parse_cli(["model=qwen_clip", *cli(planted, tmp_path / "every", "epochs=3")]))
+    assert epochs == [0, 1, 2]  # due after every epoch, and not twice for the last
+
+    # killed before any write: the rerun starts over and ends where an unbroken run does
+    monkeypatch.setattr(train, "LAST_SAVE_SECONDS", 60.0)
+    args_b = ["model=qwen_clip", *cli(planted, tmp_path / "b", "epochs=6", "l1_warmup_epochs=2")]
+    with interrupt(train, "predict_log", on_call=4):
+        train.main(train.parse_cli(args_b))
+    fold_b = tmp_path / "b/qwen_clip/fold_0"
+    assert (fold_b / "best.pt").exists() and not (fold_b / "last.pt").exists()
+    train.main(train.parse_cli(args_b))
+    np.testing.assert_allclose(pd.read_csv(fold_b / "history.csv")["select_smape"], reference["select_smape"], rtol=1e-6)
+
+    # resumed from a last.pt older than best.pt (written after epoch 1, killed in epoch 5): the
+    # replayed epochs choose the same checkpoint, and the metrics describe the file that is there
+    monkeypatch.setattr(train, "LAST_SAVE_SECONDS", 0.0)
+    monkeypatch.setattr(train, "save_last", real_save_last)
+    saved_epochs(monkeypatch, keep=lambda epoch: epoch == 1)
+    args_c = ["model=qwen_clip", *cli(planted, tmp_path / "c", "epochs=6", "l1_warmup_epochs=2")]
+    with interrupt(train, "predict_log", on_call=5):
+        train.main(train.parse_cli(args_c))
+    fold_c = tmp_path / "c/qwen_clip/fold_0"
+    assert len(pd.read_csv(fold_c / "history.csv")) == 2 and read_json(fold_c / "best.json")["epoch"] > 1
+    monkeypatch.setattr(train, "save_last", real_save_last)
+    train.main(train.parse_cli(args_c))
+    resumed = pd.read_csv(fold_c / "history.csv")
+    np.testing.assert_allclose(resumed["select_smape"], reference["select_smape"], rtol=1e-6)
+    metrics, best = read_json(fold_c / "metrics.json"), read_json(fold_c / "best.json")
+    assert metrics["best_epoch"] == best["epoch"] == int(reference["select_smape"].idxmin())
+    assert metrics["best_select_smape"] == pytest.approx(best["select_smape"])
+
+
+def test_logged_losses_equal_the_per_step_losses_and_reach_tensorboard(planted, tmp_path, monkeypatch):
+    """Summed on the device and read every LOG_EVERY_STEPS steps, the loss gives the figures a float
+    read after every step gave: per interval in TensorBoard, per epoch in history.csv."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from core.train_log import is_log_step
+
+    steps = []  # (loss, rows) of every training step, read the old way
+    real_build, real_l1 = train.build_model, train.l1_log_loss
+
+    def record_aux(module, args, out):
+        if module.training:
+            steps.append([float(out[1].detach()), 0])
+
+    def build(cfg, specs):
+        model = real_build(cfg, specs)
+        model.register_forward_hook(record_aux)
+        return model
+
+    def l1(pred, target):
+        loss = real_l1(pred, target)
+        steps[-1] = (steps[-1][0] + float(loss.detach()), len(target))  # the trainer's loss: this plus the aux term
+        return loss
+
+    monkeypatch.setattr(train, "build_model", build)
+    monkeypatch.setattr(train, "l1_log_loss", l1)
+    cfg = train.parse_cli(["model=all_embeddings", *cli(planted, tmp_path, "epochs=3", "l1_warmup_epochs=3",
+                                                         "batch_size=32")])
+    train.main(cfg)
+    fold_dir = tmp_path / "all_embeddings" / "fold_0"
+    history = pd.read_csv(fold_dir / "history.csv")
+    per_epoch = np.array_split(np.array(steps), 3)
+    assert len(steps) % 3 == 0 and len(per_epoch[0]) > 2  # several steps and more than one interval per epoch
+    expected = [(e[:, 0] * e[:, 1]).sum() / e[:, 1].sum() for e in per_epoch]
+    np.testing.assert_allclose(history["train_loss"], expected, rtol=1e-6)
+
+    events = EventAccumulator(str(fold_dir / "tensorboard"))
+    events.Reload()
+    assert {"train/loss", "train/samples_per_s", "train/lr", "select/smape", "expert_load/expert_0"} <= \
+        set(events.Tags()["scalars"])
+    n = len(per_epoch[0])
+    ends = [i + 1 for i in range(n) if is_log_step(i, n)]  # a read every tenth of these short epochs
+    assert len(ends) < n and ends[-1] == n
+    intervals = [e[a:b] for e in per_epoch for a, b in zip([0, *ends], ends)]
+    logged = events.Scalars("train/loss")
+    assert [s.step for s in logged] == [k * n + b for k in range(3) for b in ends]
+    np.testing.assert_allclose([s.value for s in logged],
+                               [(e[:, 0] * e[:, 1]).sum() / e[:, 1].sum() for e in intervals], rtol=1e-6)
+    np.testing.assert_allclose([s.value for s in events.Scalars("select/smape")], history["select_smape"], rtol=1e-6)
+    loads = [[s.value for s in events.Scalars(f"expert_load/expert_{e}")] for e in range(cfg.n_experts)]
+    np.testing.assert_allclose(np.sum(loads, 0), 1.0, atol=1e-5)  # each epoch's mean share of rows per expert
 
 
 @pytest.fixture(scope="module")

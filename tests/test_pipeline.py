@@ -208,6 +208,28 @@ def test_other_package_versions_are_reported_in_one_line(copied_run, capsys):
         write_json(copy / "pipeline_state.json", state)
 
 
+def test_a_stage_whose_outputs_are_gone_reruns_and_writes_them_again(copied_run, capsys):
+    """data/ deleted from a finished root: prepare reruns (the run does not skip ahead and fail on the
+    missing tables) and writes the same tables; with the ensemble's files gone too, the submission is
+    written again, byte for byte the same."""
+    root, _ = copied_run
+    submission = (root / "test_out.csv").read_bytes()
+    tables = {name: (root / "data" / name).read_bytes() for name in ("train.parquet", "test.parquet")}
+    assert "<root>/data/train.parquet" in read_json(root / "pipeline_state.json")["prepare"]["outputs"]
+    shutil.rmtree(root / "data")
+    shutil.rmtree(root / "predictions" / "ensemble")
+    (root / "test_out.csv").unlink()
+    capsys.readouterr()
+    assert list(pipeline.main(["profile=tiny", f"root={root}", *SMALL])) == ["prepare", "ensemble", "report"]
+    out = capsys.readouterr().out
+    assert ("[pipeline] prepare: 3 of the files it wrote are gone or changed (<root>/data/prepare.json, "
+            "<root>/data/test.parquet, <root>/data/train.parquet)") in out
+    assert "[pipeline] ensemble: 5 of the files it wrote are gone or changed" in out
+    assert {name: (root / "data" / name).read_bytes() for name in tables} == tables
+    assert (root / "test_out.csv").read_bytes() == submission
+    assert list(pipeline.main(["profile=tiny", f"root={root}", *SMALL])) == ["report"]
+
+
 def test_the_report_shows_a_fusion_model_expert_load(copied_run):
     _, copy = copied_run
     meta_path = copy / "predictions" / "all_embeddings" / "meta.json"

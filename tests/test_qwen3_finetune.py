@@ -41,6 +41,19 @@ def test_qlora_beats_the_constant_median_on_the_text_signal(trained):
     assert metrics["val_smape"] < metrics["constant_median_val_smape"] - 15, metrics
 
 
+def test_training_scalars_reach_tensorboard_in_the_run_folder(trained):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg, metrics = trained
+    run_dir = Path(cfg.out_dir) / cfg.run_name
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    assert {"train/loss", "train/lr", "train/samples_per_s", "select/smape"} <= set(events.Tags()["scalars"])
+    history = pd.read_csv(run_dir / "history.csv")
+    np.testing.assert_allclose([s.value for s in events.Scalars("select/smape")], history["selection_smape"], rtol=1e-6)
+    np.testing.assert_allclose([s.value for s in events.Scalars("epoch/train_loss")], history["train_loss"], rtol=1e-6)
+
+
 def test_backbone_is_really_4bit(tiny_models):
     import bitsandbytes as bnb
 

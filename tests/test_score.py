@@ -21,11 +21,22 @@ TRAIN = ["profile=tiny", "synthetic.n_train=400", "synthetic.n_test=100", "clip.
          "clip.encoder_folds=all", "qwen.encoder_folds=all"]
 
 
+_TRAINED: dict[str, Path] = {}
+
+
+def trained_root(tmp_path_factory) -> Path:
+    """One trained root per test session, shared by the scoring test files; each only reads it (a
+    test that changes it puts it back)."""
+    if "root" not in _TRAINED:
+        root = tmp_path_factory.mktemp("trained") / "root"
+        pipeline.main([*TRAIN, f"root={root}"])
+        _TRAINED["root"] = root
+    return _TRAINED["root"]
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    root = tmp_path_factory.mktemp("trained") / "root"
-    pipeline.main([*TRAIN, f"root={root}"])
-    return root
+    return trained_root(tmp_path_factory)
 
 
 def tree_digest(root: Path) -> dict:
@@ -51,6 +62,15 @@ def prices(path: Path) -> pd.Series:
     return pd.read_csv(path, dtype={"sample_id": str}).set_index("sample_id")["price"]
 
 
+def assert_root_prices(out: Path, root: Path) -> None:
+    """Every row of `out` has the price the root's test_out.csv gives it. Rows scored without the rest
+    of the root's test file reach the text encoder in other batches (other padding, other matrix
+    shapes), which moves a price in its fourth digit at most; a lost image moves it by percents."""
+    ours = prices(out)
+    ratio = ours.to_numpy() / prices(root / "test_out.csv").loc[ours.index].to_numpy()
+    assert np.max(np.abs(ratio - 1)) < 1e-3
+
+
 def test_a_root_prices_its_own_test_rows_as_it_did_and_stays_unchanged(trained, tmp_path, monkeypatch):
     from clip_finetune import train as clip_train
     from fusion import train as fusion_train
@@ -61,7 +81,7 @@ def test_a_root_prices_its_own_test_rows_as_it_did_and_stays_unchanged(trained, 
         monkeypatch.setattr(module, "main", lambda *a, **k: pytest.fail("a training stage ran while scoring"))
     before = tree_digest(trained)
     new_csv = write_csv(new_rows(trained), tmp_path / "new" / "test.csv")
-    out = tmp_path / "out" / "prices.csv"
+    out = tmp_path / "out" / "prices.csv"  # a folder that does not exist yet is made
     pipeline.main([f"root={trained}", f"score={new_csv}", f"out={out}"])
     assert tree_digest(trained) == before
     ours, theirs = prices(out), prices(trained / "test_out.csv")
@@ -147,17 +167,20 @@ def test_a_price_column_is_dropped_before_any_model(trained, tmp_path, capsys):
     assert priced.read_bytes() == plain.read_bytes()
 
 
-def test_training_rows_are_counted_and_a_broken_image_is_masked(trained, tmp_path, capsys):
+def test_training_rows_are_counted_and_broken_or_outside_images_are_masked(trained, tmp_path, capsys):
     train = pd.read_csv(trained / "raw" / "train.csv", dtype=str, keep_default_na=False).iloc[:7]
     train = train.drop(columns="price").assign(image_link="")
-    rows = new_rows(trained).iloc[:20].copy()
-    broken = tmp_path / "broken.png"
-    broken.write_bytes(b"not a png")
-    rows.loc[rows.index[0], "image_link"] = str(broken)
-    out = score.score_file(trained, write_csv(pd.concat([train, rows]), tmp_path / "new.csv"), tmp_path / "out.csv")
+    rows = pd.read_csv(trained / "raw" / "test.csv", dtype=str, keep_default_na=False).iloc[:20].copy()
+    images = tmp_path / "images_here"  # image_dir=: the rows' relative links are read from here
+    shutil.copytree(trained / "raw" / "images", images / "images")
+    (images / "images" / "broken.png").write_bytes(b"not a png")
+    rows.loc[rows.index[0], "image_link"] = "images/broken.png"
+    rows.loc[rows.index[1], "image_link"] = str(trained / "raw" / rows["image_link"].iloc[1])  # outside image_dir
+    out = score.score_file(trained, write_csv(pd.concat([train, rows]), tmp_path / "new.csv"), tmp_path / "out.csv",
+                           image_dir=images)
     log = capsys.readouterr().out
     assert "7 of 27 rows of new.csv are training rows" in log
-    assert "failed:corrupt" in log and "skipped:no link 7" in log
+    assert "failed:corrupt" in log and "skipped:no link 7" in log and "refused:outside image root 1" in log
     assert len(prices(out)) == 27
 
 
