@@ -8,6 +8,7 @@ gradient vanishes for large errors: start with a few epochs of L1 on log price (
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable, Sequence
 
 import torch
@@ -48,10 +49,17 @@ def tier_weights(log_target: torch.Tensor, thresholds: Sequence[float] = DEFAULT
     if len(weights) != len(thresholds) + 1:
         raise ValueError(f"need one more weight than thresholds, got {len(weights)} and {len(thresholds)}")
     log_target = _full(log_target)
-    # compared in log space, so a price exactly on a threshold lands in the upper bin in any precision
-    edges = torch.log1p(torch.tensor(list(thresholds), dtype=torch.float64)).to(log_target.dtype).to(log_target.device)
-    table = torch.tensor(list(weights), dtype=log_target.dtype, device=log_target.device)
+    edges, table = _tier_tables(tuple(thresholds), tuple(weights), log_target.dtype, log_target.device)
     return table[torch.bucketize(log_target, edges, right=True)]
+
+
+@functools.lru_cache(maxsize=32)
+def _tier_tables(thresholds: tuple, weights: tuple, dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The bins' edges and weights on `device`, built once: a host-to-GPU copy every step would make
+    the GPU wait. Compared in log space, so a price exactly on a threshold lands in the upper bin in
+    any precision."""
+    edges = torch.log1p(torch.tensor(list(thresholds), dtype=torch.float64)).to(dtype).to(device)
+    return edges, torch.tensor(list(weights), dtype=dtype, device=device)
 
 
 def weighted_smape_loss(log_pred, log_target, thresholds=DEFAULT_THRESHOLDS, weights=DEFAULT_TIER_WEIGHTS):
