@@ -54,6 +54,7 @@ def parse_command(module: str, args: list[str]):
         return score.parse_cli(args)
     if module == "pipeline":
         profile = next((a.split("=", 1)[1] for a in args if a.startswith("profile=")), "default")
+        profile = "small" if profile == "P" else profile  # the README's placeholder for any profile
         root = next((Path(a.split("=", 1)[1]) for a in args if a.startswith("root=")), None)
         rest = [a for a in args if not a.startswith(("profile=", "stages=", "root="))]
         return pipeline.stage_configs(profile, rest, root)
