@@ -1,7 +1,6 @@
 """What an image link may reach: public hosts only (checked before connecting, on the address
 connected to, and after each redirect), regular files inside the image root only, a bounded size and
 time; every refusal masked and counted, never fatal."""
-import io
 import os
 import socket
 import threading
@@ -16,14 +15,9 @@ from core.tables import load_table
 from data import images, prepare
 from data.config import PrepareConfig
 from data.images import fetch_images, is_public_address
+from tests.test_images import png_bytes
 
 PUBLIC = "93.184.216.34"  # a public address the fake network below routes to the local test server
-
-
-def png_bytes(colour=(10, 200, 30)) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", (8, 8), colour).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 @pytest.fixture
