@@ -14,10 +14,10 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from core.metrics import PRICE_BIN_EDGES
+from core.metrics import PRICE_BIN_EDGES, TIER_WEIGHTS
 
 DEFAULT_THRESHOLDS = PRICE_BIN_EDGES  # the tiers are the report's price bins
-DEFAULT_TIER_WEIGHTS = (10.0, 8.0, 6.0, 4.0, 2.0, 1.0)
+DEFAULT_TIER_WEIGHTS = TIER_WEIGHTS
 
 
 def _full(x: torch.Tensor) -> torch.Tensor:

@@ -6,6 +6,8 @@ import pandas as pd
 
 # Upper edges of the report's price bins, in dollars; the last bin is open ($200+).
 PRICE_BIN_EDGES = (5.0, 10.0, 30.0, 60.0, 200.0)
+# the weighted SMAPE loss's weight per price bin, cheapest first (here, torch-free, for the configs)
+TIER_WEIGHTS = (10.0, 8.0, 6.0, 4.0, 2.0, 1.0)
 
 
 def smape_per_row(y_true, y_pred) -> np.ndarray:

@@ -8,11 +8,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from core.config import ConfigError
-from core.metrics import PRICE_BIN_EDGES
+from core.metrics import PRICE_BIN_EDGES, TIER_WEIGHTS
 
 MODELS = ("all_embeddings", "qwen_clip")  # each a folder fusion/<model>/ with a config.py
-DEFAULT_THRESHOLDS = PRICE_BIN_EDGES  # the loss's price tiers are the report's price bins (as in core.losses)
-DEFAULT_TIER_WEIGHTS = (10.0, 8.0, 6.0, 4.0, 2.0, 1.0)  # one per tier, cheapest first (as in core.losses)
+DEFAULT_THRESHOLDS = PRICE_BIN_EDGES  # the loss's price tiers are the report's price bins
+DEFAULT_TIER_WEIGHTS = TIER_WEIGHTS
 
 
 @dataclass

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_the_known_names_are_the_stage_code_s_own():
     from core import losses
-    from fusion import blocks, config as fusion_config
+    from fusion import blocks
     from clip_finetune import extract_embeddings as clip_extract
     from heads import features, target_encoding
     from qwen3_finetune import predict as qwen_predict
@@ -27,8 +27,6 @@ def test_the_known_names_are_the_stage_code_s_own():
     assert set(RIDGE_FEATURES) == set(features.RIDGE_FEATURES)
     assert set(TARGET_ENCODING_FIELDS) == set(target_encoding.FIELDS)
     assert (CLIP_HEAD, TEXT_HEAD) == (clip_extract.HEAD_MODEL, qwen_predict.MODEL_NAME)
-    assert tuple(fusion_config.DEFAULT_THRESHOLDS) == tuple(losses.DEFAULT_THRESHOLDS)
-    assert tuple(fusion_config.DEFAULT_TIER_WEIGHTS) == tuple(losses.DEFAULT_TIER_WEIGHTS)
 
 
 @pytest.mark.parametrize("profile", ["default", "small", "tiny"])
