@@ -175,7 +175,8 @@ def run_stages(stages: list[Stage], cfgs: dict, root: Path, profile: str, overri
         previous = state.get(stage.name, {})
         done = previous.get("fingerprint") == key and previous.get("complete") and stage.name != "report"
         # the files it wrote, checked before it is trusted: a deleted folder reruns the stage that wrote it
-        gone = missing_outputs(previous.get("outputs", {}), root) if done else []
+        # an edited raw file is new input (prepare's print reads it), not a damaged output
+        gone = missing_outputs(previous.get("outputs", {}), root, sizes=not stage.writes_inputs) if done else []
         if done and not gone:
             print(f"[pipeline] {stage.name}: up to date, skipped")
             continue

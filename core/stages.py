@@ -309,6 +309,7 @@ class Stage:
     train_only: bool = False  # reads train rows only: keyed by its train-side print, a new test.csv never reruns it
     outputs: tuple = ()  # files and folders it writes, none of them written by another stage (output_record)
     other_groups: tuple = ()  # groups besides `group` whose configs it runs with (evaluate, predict: both fusion models)
+    writes_inputs: bool = False  # its outputs are raw files a user may edit: only a missing one reruns it
 
 
 def stage_settings(stage: Stage, cfg) -> dict:
@@ -368,7 +369,7 @@ def build_stages(cfgs: dict, root: Path, profile: str) -> list[Stage]:
     if demo:
         raw = Path(cfgs["synthetic"].out_dir)
         stages.append(Stage("synthetic", "synthetic", (), entry("data.synthetic:main"),
-                            outputs=(raw / "train.csv", raw / "test.csv")))
+                            outputs=(raw / "train.csv", raw / "test.csv"), writes_inputs=True))
     prepare_dir = Path(cfgs["prepare"].out_dir)
     # its tables and record; the image folder is left out (one file per product: no cheap listing)
     stages.append(Stage("prepare", "prepare", ("synthetic",), entry("data.prepare:main"),
@@ -453,12 +454,12 @@ def output_record(stage: Stage, root: Path) -> dict[str, int]:
     return record
 
 
-def missing_outputs(record: dict[str, int], root: Path) -> list[str]:
-    """The recorded files that are gone or whose size changed, as recorded."""
+def missing_outputs(record: dict[str, int], root: Path, sizes: bool = True) -> list[str]:
+    """The recorded files that are gone or (with `sizes`) whose size changed since they were recorded."""
     missing = []
     for name, size in record.items():
         path = Path(root) / name.removeprefix("<root>/") if name.startswith("<root>/") else Path(name)
-        if not path.is_file() or path.stat().st_size != size:
+        if not path.is_file() or (sizes and path.stat().st_size != size):
             missing.append(name)
     return missing
 
