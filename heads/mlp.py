@@ -129,42 +129,76 @@ class MLPFold:
         return distribution_median(np.mean(outs, axis=0), self.centres)
 
 
-def fit_fold(frame: pd.DataFrame, price: np.ndarray, cfg, device: str = "cpu", distribution: bool = False) -> MLPFold:
-    """Train `cfg.mlp_seeds` networks on the fitting rows' columns `frame` and their prices: on SMAPE of
-    the price, or (`distribution`) on cross-entropy over `cfg.mlp_bins` bins of log price."""
-    import torch
+@dataclass
+class FoldData:
+    """A fold model's network inputs and targets, made once and shared by its seeds."""
+    transform: InputTransform
+    center: float
+    floor: float
+    x: np.ndarray  # [n, inputs] float32
+    target: np.ndarray  # prices [n], or soft bin labels [n, bins] (distribution)
+    centres: Optional[np.ndarray]
 
+
+def fold_data(frame: pd.DataFrame, price: np.ndarray, cfg, distribution: bool = False) -> FoldData:
     transform = InputTransform.fit(frame, cfg.seed)
-    center = float(np.median(np.log1p(price)))
-    floor = float(price.min())
-    x = torch.from_numpy(transform(frame).astype(np.float32)).to(device)
-    centres = None
+    centres, target = None, price.astype(np.float32)
     if distribution:
         edges, centres = price_bins(np.log1p(price), cfg.mlp_bins)
-        target = torch.from_numpy(soft_labels(np.log1p(price), edges, cfg.mlp_bin_sigma).astype(np.float32)).to(device)
-    else:
-        target = torch.from_numpy(price.astype(np.float32)).to(device)
+        target = soft_labels(np.log1p(price), edges, cfg.mlp_bin_sigma).astype(np.float32)
+    return FoldData(transform, float(np.median(np.log1p(price))), float(price.min()),
+                    transform(frame).astype(np.float32), target, centres)
+
+
+def train_seed(data: FoldData, cfg, seed_offset: int, device: str = "cpu") -> dict:
+    """One network from seed cfg.seed + seed_offset: its state dict (CPU, float64). Everything random is
+    seeded here, so the result does not depend on what ran before it or beside it."""
+    import torch
+
+    # copies: a worker receives the arrays read-only (memory-mapped), which torch will not wrap
+    x, target = torch.from_numpy(np.array(data.x)).to(device), torch.from_numpy(np.array(data.target)).to(device)
     steps_per_epoch = -(-len(x) // cfg.mlp_batch_size)
-    states = []
-    for s in range(cfg.mlp_seeds):
-        torch.manual_seed(cfg.seed + s)
-        order = torch.Generator().manual_seed(cfg.seed + s)
-        net = build_net(x.shape[1], cfg.mlp_hidden, cfg.mlp_dropout, 1 if centres is None else len(centres)).to(device)
-        opt = torch.optim.AdamW(net.parameters(), lr=cfg.mlp_learning_rate, weight_decay=cfg.mlp_weight_decay)
-        schedule = torch.optim.lr_scheduler.OneCycleLR(opt, cfg.mlp_learning_rate,
-                                                       total_steps=cfg.mlp_epochs * steps_per_epoch)
-        net.train()
-        for _ in range(cfg.mlp_epochs):
-            for batch in torch.randperm(len(x), generator=order).split(cfg.mlp_batch_size):
-                batch = batch.to(device)
-                out = net(x[batch])
-                if centres is None:
-                    loss = smape_loss(out.squeeze(1) + center, target[batch], floor)
-                else:
-                    loss = -(target[batch] * torch.log_softmax(out, dim=1)).sum(dim=1).mean()
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                schedule.step()
-        states.append({k: v.detach().cpu().double() for k, v in net.state_dict().items()})
-    return MLPFold(transform, center, cfg.mlp_hidden, cfg.mlp_dropout, states, centres)
+    torch.manual_seed(cfg.seed + seed_offset)
+    order = torch.Generator().manual_seed(cfg.seed + seed_offset)
+    n_outputs = 1 if data.centres is None else len(data.centres)
+    net = build_net(x.shape[1], cfg.mlp_hidden, cfg.mlp_dropout, n_outputs).to(device)
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.mlp_learning_rate, weight_decay=cfg.mlp_weight_decay)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(opt, cfg.mlp_learning_rate,
+                                                   total_steps=cfg.mlp_epochs * steps_per_epoch)
+    net.train()
+    for _ in range(cfg.mlp_epochs):
+        for batch in torch.randperm(len(x), generator=order).split(cfg.mlp_batch_size):
+            batch = batch.to(device)
+            out = net(x[batch])
+            if data.centres is None:
+                loss = smape_loss(out.squeeze(1) + data.center, target[batch], data.floor)
+            else:
+                loss = -(target[batch] * torch.log_softmax(out, dim=1)).sum(dim=1).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            schedule.step()
+    return {k: v.detach().cpu().double() for k, v in net.state_dict().items()}
+
+
+def fold_model(data: FoldData, cfg, states: list) -> MLPFold:
+    return MLPFold(data.transform, data.center, cfg.mlp_hidden, cfg.mlp_dropout, states, data.centres)
+
+
+def fit_folds(frames: list, prices: list, cfg, device: str = "cpu", distribution: bool = False,
+              n_jobs: int = 1) -> list[MLPFold]:
+    """One fold model per (fitting rows' columns, prices) pair: `cfg.mlp_seeds` networks each, trained on
+    SMAPE of the price or (`distribution`) on cross-entropy over `cfg.mlp_bins` bins of log price. Every
+    (fold, seed) network is its own task, n_jobs at a time on the CPU (one at a time on a GPU)."""
+    from heads.parallel import process_map
+
+    data = [fold_data(frame, price, cfg, distribution) for frame, price in zip(frames, prices)]
+    tasks = [(d, cfg, s, device) for d in data for s in range(cfg.mlp_seeds)]
+    states = process_map(train_seed, tasks, n_jobs if device == "cpu" else 1)
+    return [fold_model(d, cfg, states[i * cfg.mlp_seeds:(i + 1) * cfg.mlp_seeds]) for i, d in enumerate(data)]
+
+
+def fit_fold(frame: pd.DataFrame, price: np.ndarray, cfg, device: str = "cpu", distribution: bool = False,
+             n_jobs: int = 1) -> MLPFold:
+    """One fold model (see fit_folds)."""
+    return fit_folds([frame], [price], cfg, device, distribution, n_jobs)[0]

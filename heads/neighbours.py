@@ -1,12 +1,13 @@
 """Nearest neighbours by cosine similarity, batched top-k in torch, and the fold rule that keeps
 every row's own price and its scored fold's prices out of its neighbour features.
 
-`nearest` takes dense vectors (torch top-k on L2-normalised rows, chunked over queries so memory
-stays bounded at 75k x 75k; on CUDA when asked) or scipy sparse rows (TF-IDF: exact cosine on the
-full sparse vectors, sparse dot products per query chunk with scipy on CPU or a torch sparse x dense
-product on CUDA, then the same torch top-k). On the real rows the full TF-IDF found better price
-neighbours than a 128- or 256-d SVD of it. Candidates are limited by boolean masks, and a query
-never matches a candidate in its own group (its own fold), so it never sees itself.
+`nearest` takes dense vectors (torch matmul + top-k on L2-normalised rows, chunked over queries so
+memory stays bounded at 75k x 75k; on CUDA when asked) or scipy sparse rows (exact cosine on the full
+sparse vectors: kept for small catalogs, as its cost grows with the square of the rows at a large
+constant). The heads search the TF-IDF in its dense SVD space (heads.config.tfidf_neighbour_dims).
+Candidates are limited by boolean masks, and a query never matches a candidate in its own group (its
+own fold), so it never sees itself. The search is exact: every similarity is computed once, and the
+masks are applied per block of candidates (one block per fold), never by a pass per mask.
 """
 from __future__ import annotations
 
@@ -40,6 +41,10 @@ def nearest(queries, candidates, k: int, allowed, query_groups=None, candidate_g
     Returns (indices int64 [M, n_queries, k], similarities float32 [M, n_queries, k]), best first;
     missing neighbours have index -1 and similarity NaN. A 1-D `allowed` gives [n_queries, k] arrays.
     torch_sparse: sparse rows multiplied in torch (default on CUDA) rather than scipy.
+
+    The candidates are cut into blocks that every mask takes whole or leaves whole (for fold masks:
+    one block per fold); each block's top k is found once per query chunk, and each mask's top k is
+    the best of its blocks' top k. No pass over the similarities is made per mask.
     """
     allowed = np.asarray(allowed, dtype=bool)
     single = allowed.ndim == 1
@@ -47,8 +52,13 @@ def nearest(queries, candidates, k: int, allowed, query_groups=None, candidate_g
     n_queries, n_candidates = queries.shape[0], candidates.shape[0]
     if allowed.shape[1] != n_candidates:
         raise ValueError(f"allowed has {allowed.shape[1]} columns for {n_candidates} candidates")
+    query_groups = np.full(n_queries, -1, np.int64) if query_groups is None else np.asarray(query_groups, np.int64)
+    candidate_groups = (np.full(n_candidates, -2, np.int64) if candidate_groups is None
+                        else np.asarray(candidate_groups, np.int64))
+    blocks = candidate_blocks(allowed, candidate_groups)
+    order = np.concatenate([b.members for b in blocks]) if blocks else np.zeros(0, np.int64)
     sparse = sp.issparse(queries)
-    queries, candidates = l2_normalise(queries), l2_normalise(candidates)
+    queries, candidates = l2_normalise(queries), l2_normalise(candidates[order])
     dev = torch.device(device)
     torch_sparse = sparse and (dev.type == "cuda" if torch_sparse is None else torch_sparse)
     if not sparse:
@@ -59,33 +69,65 @@ def nearest(queries, candidates, k: int, allowed, query_groups=None, candidate_g
         chunk_size = max(1, min(chunk_size, 2**28 // max(1, candidates.shape[1])))
     else:
         candidates_t = candidates.T.tocsr()
-    allowed_t = torch.from_numpy(allowed).to(dev)
-    if query_groups is None:
-        query_groups = np.full(n_queries, -1)
-    if candidate_groups is None:
-        candidate_groups = np.full(n_candidates, -2)
-    query_groups_t = torch.as_tensor(np.array(query_groups, dtype=np.int64), device=dev)
-    candidate_groups_t = torch.as_tensor(np.array(candidate_groups, dtype=np.int64), device=dev)
-    take = min(k, n_candidates)
+    order_t = torch.from_numpy(order).to(dev)
     indices = np.full((len(allowed), n_queries, k), NO_NEIGHBOUR, dtype=np.int64)
     sims = np.full((len(allowed), n_queries, k), np.nan, dtype=np.float32)
-    for start in range(0, n_queries, chunk_size):
-        stop = min(start + chunk_size, n_queries)
+    # queries go group by group, so a block of the queries' own group is simply passed over
+    query_chunks = [rows[i:i + chunk_size] for g in np.unique(query_groups)
+                    for rows in [np.flatnonzero(query_groups == g)] for i in range(0, len(rows), chunk_size)]
+    for rows in query_chunks if blocks else []:
         if torch_sparse:
-            chunk = torch.from_numpy(queries[start:stop].toarray()).to(dev)
+            chunk = torch.from_numpy(queries[rows].toarray()).to(dev)
             block = (candidates_t @ chunk.T).T
         elif sparse:
-            block = torch.from_numpy((queries[start:stop] @ candidates_t).toarray()).to(dev)
+            block = torch.from_numpy((queries[rows] @ candidates_t).toarray()).to(dev)
         else:
-            block = torch.from_numpy(queries[start:stop]).to(dev) @ candidates_t.T
-        same_group = query_groups_t[start:stop, None] == candidate_groups_t[None, :]
+            block = torch.from_numpy(queries[rows]).to(dev) @ candidates_t.T
+        group = query_groups[rows[0]]
+        tops = {}  # block position -> (similarities, positions in `order`) [chunk, <= k]
+        for i, b in enumerate(blocks):
+            if b.group != group:
+                top_sims, top_pos = torch.topk(block[:, b.start:b.stop], min(k, b.stop - b.start), dim=1)
+                tops[i] = (top_sims, top_pos + b.start)
         for m in range(len(allowed)):
-            masked = block.masked_fill(same_group | ~allowed_t[m][None, :], float("-inf"))
-            top_sims, top_idx = torch.topk(masked, take, dim=1)
+            taken = [tops[i] for i, b in enumerate(blocks) if b.allowed[m] and i in tops]
+            if not taken:
+                continue
+            all_sims = torch.cat([t[0] for t in taken], dim=1)
+            all_pos = torch.cat([t[1] for t in taken], dim=1)
+            top_sims, at = torch.topk(all_sims, min(k, all_sims.shape[1]), dim=1)
+            top_idx = order_t[all_pos.gather(1, at)]
             valid = torch.isfinite(top_sims)
-            indices[m, start:stop, :take] = torch.where(valid, top_idx, NO_NEIGHBOUR).cpu().numpy()
-            sims[m, start:stop, :take] = torch.where(valid, top_sims, float("nan")).cpu().numpy()
+            take = top_sims.shape[1]
+            indices[m, rows, :take] = torch.where(valid, top_idx, NO_NEIGHBOUR).cpu().numpy()
+            sims[m, rows, :take] = torch.where(valid, top_sims, float("nan")).cpu().numpy()
     return (indices[0], sims[0]) if single else (indices, sims)
+
+
+@dataclass
+class CandidateBlock:
+    """Candidates that every mask takes or leaves together and that share a group; a contiguous slice
+    [start, stop) of the reordered candidates."""
+    members: np.ndarray  # candidate indices
+    allowed: np.ndarray  # [M] whether each mask takes the block
+    group: int
+    start: int = 0
+    stop: int = 0
+
+
+def candidate_blocks(allowed: np.ndarray, candidate_groups: np.ndarray) -> list[CandidateBlock]:
+    """The candidates any mask allows, cut into blocks by (which masks allow them, their group)."""
+    keys = np.concatenate([allowed.T.astype(np.int64), candidate_groups[:, None]], axis=1)
+    kept = np.flatnonzero(allowed.any(axis=0))
+    if not len(kept):
+        return []
+    unique, inverse = np.unique(keys[kept], axis=0, return_inverse=True)
+    blocks, start = [], 0
+    for b, key in enumerate(unique):
+        members = kept[inverse.ravel() == b]
+        blocks.append(CandidateBlock(members, key[:-1].astype(bool), int(key[-1]), start, start + len(members)))
+        start += len(members)
+    return blocks
 
 
 def _torch_csr(matrix: sp.csr_matrix):

@@ -52,6 +52,21 @@ class RunError(PipelineError, RuntimeError):
     pass
 
 
+def truncated_svd(svd, dims: int):
+    """A fitted TruncatedSVD keeping its first `dims` components (itself if it has no more): the same
+    projection's leading columns, so one fit serves every width."""
+    import copy
+
+    if svd.components_.shape[0] <= dims:
+        return svd
+    cut = copy.copy(svd)
+    cut.components_ = svd.components_[:dims]
+    cut.n_components = dims
+    for name in ("explained_variance_", "explained_variance_ratio_", "singular_values_"):
+        setattr(cut, name, getattr(svd, name)[:dims])
+    return cut
+
+
 def head_parts(head: str) -> tuple[str, str]:
     """(base head, target tag): 'lgbm_per_qty' -> ('lgbm', 'per_qty'), 'knn' -> ('knn', 'log1p')."""
     if head.endswith("_per_qty"):
@@ -104,6 +119,9 @@ class HeadsRun:
     units: list[str]
     sources: dict  # {name: SourceFit}, in the fit's order
     search_k: dict  # {space: neighbours searched}; the same k as in the fit, so ties fall the same way
+    # the TF-IDF neighbour space: its SVD and the train rows in it; None: the full sparse TF-IDF
+    neighbour_svd: object = None
+    tfidf_vectors: np.ndarray | None = None  # [n_train, tfidf_neighbour_dims] float32
     ridge: dict = field(default_factory=dict)  # {target tag | "name": [fold model]}
     name_text: TfidfText | None = None  # the item names' TF-IDF the name ridge reads; None without it
     knn_fallback: dict = field(default_factory=dict)  # {target tag: [fold value]} for rows without neighbours
@@ -129,6 +147,7 @@ def save_run(run: HeadsRun, out_dir: Path) -> Path:
         run.json             config, heads, folds, feature columns per head and fold, package versions
         train_rows.parquet   sample_id, text, fold and the targets of the train rows
         text.joblib          TF-IDF vectorizers, SVD projections, units, the tabular transform
+        tfidf_vectors.npy    the train rows in the TF-IDF neighbour space (absent: the sparse TF-IDF)
         sources/<name>.npz   each cache's train vectors (the neighbour candidates)
         ridge.joblib         ridge fold models per target; target_encoding.joblib: key statistics per fold
         lgbm/<head>/fold_<f>.txt  LightGBM fold models (booster.save_model, text)
@@ -146,8 +165,10 @@ def save_run(run: HeadsRun, out_dir: Path) -> Path:
                       **{f"target_{tag}": values for tag, values in run.targets.items()}}).to_parquet(
             tmp / "train_rows.parquet", index=False)
         joblib.dump({"text": run.text, "name_text": run.name_text, "tfidf_svd": run.tfidf_svd, "units": run.units,
-                     "source_svds": {name: s.svd for name, s in run.sources.items()}, "tabular": run.tabular},
-                    tmp / "text.joblib")
+                     "source_svds": {name: s.svd for name, s in run.sources.items()}, "tabular": run.tabular,
+                     "neighbour_svd": run.neighbour_svd}, tmp / "text.joblib")
+        if run.tfidf_vectors is not None:
+            np.save(tmp / "tfidf_vectors.npy", run.tfidf_vectors)
         (tmp / "sources").mkdir()
         for name, s in run.sources.items():
             np.savez(tmp / "sources" / f"{name}.npz", train=s.train, present=s.train_present)
@@ -165,7 +186,7 @@ def save_run(run: HeadsRun, out_dir: Path) -> Path:
             "complete": True, "config": to_dict(run.cfg), "heads": run.heads, "folds": run.fold_ids,
             "n_train": len(run.train_ids), "sources": list(run.sources), "search_k": run.search_k,
             "knn_fallback": run.knn_fallback, "features": run.features, "lgbm_heads": list(run.lgbm),
-            "mlp_heads": list(run.mlp),
+            "mlp_heads": list(run.mlp), "tfidf_vectors": run.tfidf_vectors is not None,
             "versions": installed_versions()})
         old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
         if out_dir.exists():
@@ -199,6 +220,7 @@ def load_run(out_dir: Path, device: str = "cpu", chunk_size: int | None = None, 
     if not meta.get("complete"):
         raise RunError(f"{out_dir}/{RUN_FILE}: the run is incomplete; fit it again with `{_fit_command(out_dir)}`")
     needed = ["train_rows.parquet", "text.joblib", "ridge.joblib", "target_encoding.joblib",
+              *(["tfidf_vectors.npy"] if meta.get("tfidf_vectors") else []),
               *[f"sources/{name}.npz" for name in meta["sources"]],
               *[f"lgbm/{head}/fold_{f}.txt" for head in meta["lgbm_heads"] for f in meta["folds"]],
               *[f"mlp/{head}/fold_{f}.joblib" for head in meta.get("mlp_heads", []) for f in meta["folds"]]]
@@ -229,7 +251,9 @@ def load_run(out_dir: Path, device: str = "cpu", chunk_size: int | None = None, 
         ridge=joblib.load(out_dir / "ridge.joblib"), name_text=saved.get("name_text"),
         knn_fallback=meta["knn_fallback"], lgbm=lgbm, mlp=mlp,
         features=meta["features"], encodings=joblib.load(out_dir / "target_encoding.joblib"),
-        tabular=saved["tabular"], device=device, chunk_size=chunk_size or cfg.chunk_size)
+        tabular=saved["tabular"], neighbour_svd=saved.get("neighbour_svd"),
+        tfidf_vectors=np.load(out_dir / "tfidf_vectors.npy") if saved.get("neighbour_svd") is not None else None,
+        device=device, chunk_size=chunk_size or cfg.chunk_size)
 
 
 # ---------------------------------------------------------------- pricing rows
@@ -291,6 +315,9 @@ class RowFeatures:
         """(indices, similarities) [n_folds, n_rows, k] among the train rows the fold models may use."""
         def search():
             run, k = self.run, self.run.search_k[space]
+            if space == "tfidf" and run.neighbour_svd is not None:
+                return row_neighbours(project(run.neighbour_svd, self.tfidf), run.tfidf_vectors, run.folds, k,
+                                      device=run.device, chunk_size=run.chunk_size)
             if space == "tfidf":
                 return row_neighbours(self.tfidf, run.train_tfidf, run.folds, k, device=run.device,
                                       chunk_size=run.chunk_size)
