@@ -24,6 +24,8 @@ import pandas as pd
 from bench import split_options
 from bench.peak_memory import device_description
 
+DEFAULTS = {"root": "/tmp/real_bench", "jobs": "1,2", "work": "/tmp/heads_workers"}  # its own options; the rest: heads keys
+
 
 def run_heads(root: Path, out: Path, jobs: int, extra: list[str]) -> float:
     shutil.rmtree(out, ignore_errors=True)
@@ -49,8 +51,7 @@ def predictions(out: Path) -> dict[str, pd.Series]:
 
 
 def main(argv: list[str] | None = None) -> pd.DataFrame:
-    opts, extra = split_options(sys.argv[1:] if argv is None else argv,
-                                {"root": "/tmp/real_bench", "jobs": "1,2", "work": "/tmp/heads_workers"})
+    opts, extra = split_options(sys.argv[1:] if argv is None else argv, DEFAULTS)
     root, work = Path(opts["root"]), Path(opts["work"])
     if not (root / "data" / "train.parquet").is_file():
         sys.exit(f"root={root}: no data/train.parquet; run python -m bench.real_data root={root} first")

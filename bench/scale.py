@@ -34,6 +34,8 @@ from bench import split_options
 from bench.peak_memory import device_description
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
+DEFAULTS = {"sizes": "8000,30000,75000", "work": "/tmp/bench_scale", "profile": "default",
+            "real": str(SHARED / "real" / "train.csv"), "search_only": "false"}  # its own options; the rest: heads keys
 CACHE_DIMS = {"qwen_text": 1024, "siglip_text": 1152, "clip_image": 768, "siglip_image": 1152}
 
 
@@ -175,8 +177,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     from heads.config import PROFILES, HeadsConfig
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    opts, rest = split_options(argv, {"sizes": "8000,30000,75000", "work": "/tmp/bench_scale", "profile": "default",
-                                      "real": str(SHARED / "real" / "train.csv"), "search_only": "false"})
+    opts, rest = split_options(argv, DEFAULTS)
     sizes = [int(s) for s in opts["sizes"].split(",")]
     work = Path(opts["work"])
     log = setup_logging("bench.scale")

@@ -75,6 +75,11 @@ def parse_command(module: str, args: list[str]):
         from bench import score as bench_score, split_options
         _, rest = split_options(args, bench_score.DEFAULTS)
         return score.placement_overrides(rest) is not None
+    if module in ("bench.scale", "bench.heads_workers"):  # their own options, then heads keys
+        from bench import split_options
+        from heads.config import PROFILES as HEADS, HeadsConfig
+        _, rest = split_options(args, importlib.import_module(module).DEFAULTS)
+        return parse_args(HeadsConfig, rest, HEADS)
     if module.startswith("bench."):
         bench = importlib.import_module(module)
         cls = next(v for k, v in vars(bench).items() if k.endswith("Config") and isinstance(v, type))
