@@ -77,13 +77,16 @@ def describe_failures(reasons: dict[int, str], sample_ids, examples: int = 5) ->
 
 def image_loader(paths, has_image, transform, image_size, batch_size, num_workers, device, shuffle=False,
                  drop_last=False, sampler=None, seed: int = 0):
-    """Batches of (pixels, present, row) from the bounded copies data.prepare wrote; the workers stay
-    up between epochs (a loader iterated again does not pay their start-up)."""
+    """Batches of (pixels, present, row) from the bounded copies data.prepare wrote. A reading loader's
+    workers stay up between passes; a training loader (`shuffle`) starts its workers each epoch, since a
+    worker's random augmentations are seeded from the loader's generator when it starts, which the
+    trainer reseeds per epoch: a resumed run then draws the same augmentations as an unbroken one."""
     dataset = ImageRows(paths, has_image, transform, image_size)
     generator = torch.Generator().manual_seed(seed)
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None,
                                        sampler=sampler, num_workers=num_workers, pin_memory=device.type == "cuda",
-                                       drop_last=drop_last, persistent_workers=num_workers > 0, generator=generator)
+                                       drop_last=drop_last, persistent_workers=num_workers > 0 and not shuffle,
+                                       generator=generator)
 
 
 def fill_cache(writer: EmbeddingCacheWriter, batches, desc: str) -> int:

@@ -25,7 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def config(demo_catalog, tiny_models, out, **kw):
     return replace(PROFILES["tiny"], model=str(tiny_models / "clip_tiny"), data_dir=demo_catalog / "data",
-                   out_dir=out, embeddings_dir=out / "embeddings", predictions_dir=out / "predictions", num_workers=0, **kw)
+                   out_dir=out, embeddings_dir=out / "embeddings", predictions_dir=out / "predictions",
+                   **{"num_workers": 0, **kw})
 
 
 @pytest.fixture(scope="module")
@@ -180,11 +181,12 @@ def test_freezing_keeps_stem_early_blocks_and_norms_fixed(tiny_models):
     assert 0 < trainable < sum(p.numel() for p in visual.parameters())
 
 
-def test_resume_gives_the_same_next_epoch_loss(demo_catalog, tiny_models, tmp_path, interrupt):
-    ref_cfg = config(demo_catalog, tiny_models, tmp_path / "a", epochs=3, early_stopping_patience=10)
+@pytest.mark.parametrize("workers", [0, 2])  # with workers: their random augmentations after a resume too
+def test_resume_gives_the_same_next_epoch_loss(demo_catalog, tiny_models, tmp_path, interrupt, workers):
+    ref_cfg = config(demo_catalog, tiny_models, tmp_path / "a", epochs=3, early_stopping_patience=10, num_workers=workers)
     train.main(ref_cfg)
     reference = pd.read_csv(tmp_path / "a" / "tiny" / "history.csv")
-    cfg = config(demo_catalog, tiny_models, tmp_path / "b", epochs=3, early_stopping_patience=10)
+    cfg = config(demo_catalog, tiny_models, tmp_path / "b", epochs=3, early_stopping_patience=10, num_workers=workers)
     with interrupt(train, "predict_log", on_call=2):  # in the second epoch's validation
         train.main(cfg)
     train.main(cfg)
