@@ -177,7 +177,6 @@ class Scorer:
                         root, describe_changes(changes))
         ensemble = self.cfgs["ensemble"]
         self.record = read_json(Path(ensemble.predictions_dir) / "ensemble" / "ensemble.json")["blend"]
-        self.needed = list(self.record["models"])
         data_dir = Path(self.cfgs["prepare"].out_dir)
         self.data_meta = read_json(data_dir / META_FILE)
         self.train_ids = set(pd.read_parquet(data_dir / "train.parquet", columns=["sample_id"])["sample_id"].astype(str))
@@ -263,11 +262,6 @@ class Scorer:
                     dist: DistInfo = DistInfo()) -> pd.DataFrame | None:
         """(sample_id, price, has_image) for one chunk of validated rows. Under torchrun every rank
         encodes its share of the chunk's rows and rank 0 prices them (the other ranks get None)."""
-        from ensemble.blend import price_rows
-        from fusion.predict_test import fold_mean_log as fusion_log
-        from heads.predict import load_row_vectors, price_table, write_test_caches
-        from qwen3_finetune.predict import MODEL_NAME as TEXT_HEAD, fold_mean_log as text_log
-        from core.runtime import amp_dtype
         from data.images import reason_of
 
         cfgs = scratch_configs(self.cfgs, work)
@@ -286,22 +280,35 @@ class Scorer:
         logs = self.encode(cfgs)
         if not dist.is_main:
             return None
-        ids = table["sample_id"].astype(str).to_numpy()
-        run = self.heads
-        embeddings = Path(cfgs["heads"].embeddings_dir)
-        heads, tabular = price_table(run, table, load_row_vectors(run, embeddings, "test", ids))
-        logs.update(heads)
-        write_test_caches(run, embeddings, table, tabular)
-        for model in ("qwen_clip", "all_embeddings"):
-            name = cfgs[model].run_name
-            if name in self.needed:
-                logs[name] = fusion_log(cfgs[model], self.fusion_folds(model), list(ids), pick_device(cfgs[model].device))
-        qwen = cfgs["qwen"]
-        if TEXT_HEAD in self.needed:
-            device = pick_device(qwen.device)
-            logs[TEXT_HEAD] = text_log(qwen, table, device, amp_dtype(device, qwen.precision))
-        return pd.DataFrame({"sample_id": ids, "price": price_rows(self.record, logs),
+        return pd.DataFrame({"sample_id": table["sample_id"].astype(str).to_numpy(),
+                             "price": price_encoded(cfgs, self.record, self.heads, self.fusion_folds, table, logs),
                              "has_image": table["has_image"].to_numpy(dtype=bool)})
+
+
+def price_encoded(cfgs: dict, record: dict, heads_run, fusion_folds, table: pd.DataFrame, logs: dict):
+    """The prices of `table`'s rows, whose vectors are cached under cfgs' folders (scratch_configs): the
+    heads, the fusion models (fusion_folds(model): its trained folds) and the text head where the blend
+    `record` needs them, blended. `logs`: log prices already made (the CLIP head's)."""
+    from ensemble.blend import price_rows
+    from fusion.predict_test import fold_mean_log as fusion_log
+    from heads.predict import load_row_vectors, price_table, write_test_caches
+    from qwen3_finetune.predict import MODEL_NAME as TEXT_HEAD, fold_mean_log as text_log
+    from core.runtime import amp_dtype
+
+    ids = table["sample_id"].astype(str).to_numpy()
+    embeddings = Path(cfgs["heads"].embeddings_dir)
+    heads, tabular = price_table(heads_run, table, load_row_vectors(heads_run, embeddings, "test", ids))
+    logs = {**logs, **heads}
+    write_test_caches(heads_run, embeddings, table, tabular)  # what the fusion models read beside the vectors
+    for model in ("qwen_clip", "all_embeddings"):
+        name = cfgs[model].run_name
+        if name in record["models"]:
+            logs[name] = fusion_log(cfgs[model], fusion_folds(model), list(ids), pick_device(cfgs[model].device))
+    qwen = cfgs["qwen"]
+    if TEXT_HEAD in record["models"]:
+        device = pick_device(qwen.device)
+        logs[TEXT_HEAD] = text_log(qwen, table, device, amp_dtype(device, qwen.precision))
+    return price_rows(record, logs)
 
 
 def score_file(root: Path, new_csv: Path, out: Path, chunk_rows: int = SCORE_CHUNK_ROWS,

@@ -490,19 +490,28 @@ def score(inputs: Inputs, oof: np.ndarray) -> tuple[float, dict]:
     return smape(inputs.price, prices_from_log(oof, inputs.floor)), per_fold
 
 
-def main(cfg: HeadsConfig) -> dict:
+def main(cfg: HeadsConfig, timed=None) -> dict:
+    """Fit every head out of fold, save the run, price the test rows. timed(piece, work): called around
+    each piece of the stage with work() to run (bench.scale times them); by default it just runs it."""
+    timed = timed or (lambda piece, work: work())
     log = setup_logging("heads.train")
     check_config(cfg)
     seed_everything(cfg.seed)
-    inputs = Inputs(cfg, log)
+    inputs = timed("load the train table", lambda: Inputs(cfg, log))
     test = load_table(cfg.data_dir, "test").reset_index(drop=True)
     test_ids = test["sample_id"].astype(str).to_numpy()
     log.info("%d train rows in %d folds, %d test rows; heads %s; device %s", len(inputs.y), len(inputs.fold_ids),
              len(test_ids), ",".join(cfg.heads), inputs.device)
-
+    # the shared pieces first, each timed alone (the heads would compute them on first use)
+    timed("TF-IDF", lambda: inputs.tfidf)
+    if cfg.tfidf_neighbour_dims > 0:
+        timed("TF-IDF SVD (shared)", lambda: inputs.text_svd(cfg.tfidf_neighbour_dims))
+    timed("embedding sources", lambda: inputs.sources)
     if cfg.tabular_source:
-        values = fit_tabular(inputs)
+        values = timed("tabular cache", lambda: fit_tabular(inputs))
         write_tabular_cache(cfg.embeddings_dir, cfg.tabular_source, "train", inputs.train_ids, values, to_dict(cfg))
+    for space in sorted(inputs.run.search_k):
+        timed(f"neighbour search, train rows, {space}", lambda: inputs.neighbours(space))
     baseline = np.zeros(len(inputs.y))
     for f in inputs.fold_ids:
         baseline[inputs.fold_mask(f)] = np.median(inputs.y[~inputs.fold_mask(f)])
@@ -511,7 +520,7 @@ def main(cfg: HeadsConfig) -> dict:
     results, oofs = {}, {}
     for head in cfg.heads:
         start = time.time()
-        oof, extra = head_function(head)(inputs)
+        oof, extra = timed(head, lambda: head_function(head)(inputs))
         spaces = extra.pop("embedding_sources")
         seconds = time.time() - start
         oof_smape, fold_smape = score(inputs, oof)
@@ -530,22 +539,29 @@ def main(cfg: HeadsConfig) -> dict:
     if cfg.knn_space in inputs.sources and any(h.startswith("knn") for h in cfg.heads):
         s = inputs.sources[cfg.knn_space]  # the knn head's space, when no lgbm head added it already
         run.sources.setdefault(s.name, SourceFit(None, s.train, s.train_present))
-    save_run(run, cfg.out_dir)
+    timed("save the run", lambda: save_run(run, cfg.out_dir))
     log.info("saved the fitted run to %s", cfg.out_dir)
 
     # the test rows, priced by the code that prices any rows with a saved run
     start = time.time()
-    priced = RowFeatures(run, test, load_row_vectors(run, cfg.embeddings_dir, "test", test_ids))
-    for head in cfg.heads:
-        write_predictions(cfg.predictions_dir, head,
-                          pd.DataFrame({"sample_id": inputs.train_ids, "log_pred": oofs[head], "fold": inputs.folds}),
-                          pd.DataFrame({"sample_id": test_ids, "log_pred": priced.head(head).mean(axis=0)}),
-                          results[head])
-    write_test_caches(run, cfg.embeddings_dir, test, priced.tabular() if cfg.tabular_source else None)
-    if cfg.target_encoding_source and (train_rows := fold_encoding_rows(run, inputs.train, inputs.folds)):
-        written = write_fold_encoding_caches(run, cfg.embeddings_dir, "train", inputs.train_ids, train_rows)
-        log.info("wrote the target-encoding caches %s: %d columns each, under the lgbm heads' fold rule",
-                 ", ".join(written), train_rows[0].shape[1])
+    priced = timed("load the test rows' vectors",
+                   lambda: RowFeatures(run, test, load_row_vectors(run, cfg.embeddings_dir, "test", test_ids)))
+    for space in sorted(run.search_k):
+        timed(f"neighbour search, test rows, {space}", lambda: priced.neighbours(space))
+
+    def write_test_side():
+        for head in cfg.heads:
+            write_predictions(cfg.predictions_dir, head,
+                              pd.DataFrame({"sample_id": inputs.train_ids, "log_pred": oofs[head], "fold": inputs.folds}),
+                              pd.DataFrame({"sample_id": test_ids, "log_pred": priced.head(head).mean(axis=0)}),
+                              results[head])
+        write_test_caches(run, cfg.embeddings_dir, test, priced.tabular() if cfg.tabular_source else None)
+        if cfg.target_encoding_source and (train_rows := fold_encoding_rows(run, inputs.train, inputs.folds)):
+            written = write_fold_encoding_caches(run, cfg.embeddings_dir, "train", inputs.train_ids, train_rows)
+            log.info("wrote the target-encoding caches %s: %d columns each, under the lgbm heads' fold rule",
+                     ", ".join(written), train_rows[0].shape[1])
+
+    timed("price the test rows, write predictions and caches", write_test_side)
     log.info("priced %d test rows (%.0f s)", len(test_ids), time.time() - start)
     print(format_table(pd.DataFrame(rows)))
     return results

@@ -75,7 +75,11 @@ def parse_command(module: str, args: list[str]):
         from bench import score as bench_score, split_options
         _, rest = split_options(args, bench_score.DEFAULTS)
         return score.placement_overrides(rest) is not None
-    if module in ("bench.scale", "bench.heads_workers"):  # their own options, then heads keys
+    if module == "bench.scale":  # its own options, then the stages' keys
+        from bench import scale, split_options
+        opts, rest = split_options(args, scale.DEFAULTS)
+        return pipeline.stage_configs(opts["profile"], rest)
+    if module == "bench.heads_workers":  # its own options, then heads keys
         from bench import split_options
         from heads.config import PROFILES as HEADS, HeadsConfig
         _, rest = split_options(args, importlib.import_module(module).DEFAULTS)
