@@ -236,9 +236,9 @@ def run_size(n: int, root: Path, opts: dict, rest: list[str], vocabulary, log, r
     start = time.time()
     if opts["search_only"] == "true":
         time_search_only(cfgs["heads"], log, timed)
-        return record("heads: all of the above", time.time() - start, 0)
+        return record("heads: all of the above", time.time() - start, None)
     heads_train.main(cfgs["heads"], timed=lambda piece, work: timed(f"heads: {piece}", work))
-    record("heads: the whole stage", time.time() - start, 0)
+    record("heads: the whole stage", time.time() - start, None)
     for name in ("fusion_qwen_clip", "fusion_all"):
         stage = stages[name]
         label = f"{name} ({epochs} epoch{'s' * (epochs != '1')} per fold; the default profile's GPU stage)"
@@ -264,16 +264,14 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     rows = []
     for n in sizes:
         def record(piece, seconds, peak):
+            if peak is None:  # the whole heads stage: the largest of its pieces' peaks
+                peak = max(r["peak_gib"] for r in rows if r["rows"] == n and r["piece"].startswith("heads: ")) * 2**30
             rows.append({"rows": n, "piece": piece, "seconds": round(seconds, 2), "peak_gib": round(peak / 2**30, 2)})
             print(f"[scale] {n:,} rows: {piece}: {seconds:.1f} s, peak {peak / 2**30:.2f} GiB", flush=True)
 
         load = os.getloadavg()[0]
         run_size(n, work / f"n{n}", opts, rest, vocabulary, log, record)
         mine = [r for r in rows if r["rows"] == n]
-        # the whole heads stage's peak: the largest of its pieces'
-        for r in mine:
-            if r["piece"].startswith("heads: all") or r["piece"] == "heads: the whole stage":
-                r["peak_gib"] = max(x["peak_gib"] for x in mine if x["piece"].startswith("heads: "))
         cpu = [r for r in mine if r["piece"].split(" (")[0] in CPU_STAGES]
         if opts["search_only"] != "true":
             record("CPU stages: prepare, heads, ensemble, report", sum(r["seconds"] for r in cpu),

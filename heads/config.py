@@ -54,7 +54,8 @@ class HeadsConfig:
     # LightGBM head model: fixed rounds, no early stopping on the scored fold. At 75,000 rows: 2,000 rounds at 0.02 and
     # 63 leaves (small keeps 800 at 0.03 and 31 leaves for its 2-core runs of 6,915 rows); ten times the rows carry
     # the larger trees. A fit costs about rows x rounds: ~10 s per fold on the real rows (5,500 fitting rows, 800
-    # rounds, one thread), so ~5 CPU-minutes per fold at 60,000; the lgbm heads fit their folds n_jobs at once
+    # rounds, one thread), so ~5 CPU-minutes per fold at 60,000 (bench.scale: lgbm_per_qty's five folds took 463 s on
+    # 2 cores at 30,000 rows, exponent 0.3-0.6 in the rows); the lgbm heads fit their folds n_jobs at once
     lgbm_objective: str = "l1"  # l1 | huber | regression (L2), on log price; l1 beat huber on the real rows (CV)
     lgbm_huber_delta: float = 1.0  # huber: quadratic within this many log units
     lgbm_rounds: int = 2000
@@ -72,6 +73,7 @@ class HeadsConfig:
     # Settings: the best of about fifteen tried on the real rows (BENCHMARKS.md). At 75,000 rows they stay: no
     # full-size prices to retune on, and the cost is steps (rows / batch x epochs x seeds), linear in the rows; on a
     # GPU the networks train there, on CPU every (fold, seed) network is a task of its own across n_jobs cores
+    # (bench.scale: 425 s per network head on 2 cores at 30,000 rows, exponent 0.99; ~18 min each at 75,000)
     mlp_hidden: int = 512
     mlp_dropout: float = 0.3
     mlp_epochs: int = 20
