@@ -110,11 +110,10 @@ class HeadsRun:
     cfg: HeadsConfig  # the fit's settings
     fold_ids: list[int]
     train_ids: np.ndarray
-    train_text: np.ndarray  # what the TF-IDF of the train rows is recomputed from on load
+    train_text: np.ndarray  # what a loaded run refits the train rows' sparse TF-IDF from, if it needs it
     folds: np.ndarray  # [n_train]
     targets: dict  # {"log1p" | "per_qty": [n_train]} what the neighbours' prices summarise
     text: TfidfText
-    train_tfidf: sp.csr_matrix
     tfidf_svd: object  # None without a TF-IDF projection
     units: list[str]
     sources: dict  # {name: SourceFit}, in the fit's order
@@ -122,6 +121,9 @@ class HeadsRun:
     # the TF-IDF neighbour space: its SVD and the train rows in it; None: the full sparse TF-IDF
     neighbour_svd: object = None
     tfidf_vectors: np.ndarray | None = None  # [n_train, tfidf_neighbour_dims] float32
+    # the train rows' sparse TF-IDF, which only the sparse neighbour space reads: a loaded run leaves it
+    # None and train_matrix() refits it on first use (minutes at 75,000 rows)
+    train_tfidf: sp.csr_matrix | None = None
     ridge: dict = field(default_factory=dict)  # {target tag | "name": [fold model]}
     name_text: TfidfText | None = None  # the item names' TF-IDF the name ridge reads; None without it
     knn_fallback: dict = field(default_factory=dict)  # {target tag: [fold value]} for rows without neighbours
@@ -132,6 +134,11 @@ class HeadsRun:
     tabular: TabularFit | None = None
     device: str = "cpu"  # placement of the neighbour search, not a setting of the fit
     chunk_size: int = 1024
+
+    def train_matrix(self) -> sp.csr_matrix:
+        if self.train_tfidf is None:
+            self.train_tfidf = self.text.train_matrix(self.train_text)
+        return self.train_tfidf
 
     @property
     def heads(self) -> list[str]:
@@ -246,7 +253,7 @@ def load_run(out_dir: Path, device: str = "cpu", chunk_size: int | None = None, 
         cfg=cfg, fold_ids=[int(f) for f in meta["folds"]], train_ids=rows["sample_id"].astype(str).to_numpy(),
         train_text=train_text, folds=rows["fold"].to_numpy(dtype=np.int64),
         targets={tag: rows[f"target_{tag}"].to_numpy(dtype=np.float64) for tag in TARGETS},
-        text=saved["text"], train_tfidf=saved["text"].train_matrix(train_text), tfidf_svd=saved["tfidf_svd"],
+        text=saved["text"], tfidf_svd=saved["tfidf_svd"],
         units=list(saved["units"]), sources=sources, search_k={k: int(v) for k, v in meta["search_k"].items()},
         ridge=joblib.load(out_dir / "ridge.joblib"), name_text=saved.get("name_text"),
         knn_fallback=meta["knn_fallback"], lgbm=lgbm, mlp=mlp,
@@ -319,7 +326,7 @@ class RowFeatures:
                 return row_neighbours(project(run.neighbour_svd, self.tfidf), run.tfidf_vectors, run.folds, k,
                                       device=run.device, chunk_size=run.chunk_size)
             if space == "tfidf":
-                return row_neighbours(self.tfidf, run.train_tfidf, run.folds, k, device=run.device,
+                return row_neighbours(self.tfidf, run.train_matrix(), run.folds, k, device=run.device,
                                       chunk_size=run.chunk_size)
             s = run.sources[space]
             vectors, present = self.vectors[space]

@@ -155,3 +155,35 @@ def test_the_rows_need_every_cache_the_run_reads(fitted):
         predict.predict_rows(run, table, {})
     with pytest.raises(predict.RunError, match="dim 16"):
         predict.predict_rows(run, table, {"txt": (np.zeros((5, 8)), np.ones(5, bool))})
+
+
+def test_loading_a_run_refits_the_sparse_tfidf_only_for_the_sparse_neighbour_space(fitted, tmp_path, monkeypatch):
+    from heads.features import TfidfText
+
+    refits = []
+    real_refit = TfidfText.train_matrix
+    monkeypatch.setattr(TfidfText, "train_matrix", lambda self, text: refits.append(len(text)) or real_refit(self, text))
+    table = load_table(fitted.data_dir, "test")
+
+    # the default: the TF-IDF neighbour space is its SVD's, saved with the run; nothing is refitted
+    run = predict.load_run(fitted.out_dir)
+    prices = predict.predict_rows(run, table, predict.load_row_vectors(run, fitted.embeddings_dir, "test",
+                                                                      table.sample_id))
+    assert refits == [] and run.train_tfidf is None
+    written = fitted_test_predictions(fitted)
+    for head in ("lgbm", "knn"):  # lgbm reads the TF-IDF neighbours' columns
+        np.testing.assert_allclose(prices[head], written[head].loc[table.sample_id.astype(str)].to_numpy(),
+                                   rtol=0, atol=1e-6, err_msg=head)
+
+    # tfidf_neighbour_dims=0: knn searches the sparse TF-IDF, refitted once on first use, as the fit priced
+    cfg = profile("tiny", data_dir=fitted.data_dir, embeddings_dir=fitted.embeddings_dir,
+                  predictions_dir=tmp_path / "predictions", out_dir=tmp_path / "run", heads=["knn"],
+                  embedding_sources=[], knn_space="tfidf", tfidf_neighbour_dims=0)
+    train.main(cfg)
+    refits.clear()
+    run = predict.load_run(cfg.out_dir)
+    assert refits == [] and run.tfidf_vectors is None
+    sparse = predict.predict_rows(run, table, {})["knn"]
+    assert refits == [len(run.train_ids)]
+    written = read_predictions(cfg.predictions_dir, "knn").test.set_index("sample_id").log_pred
+    np.testing.assert_allclose(sparse, written.loc[table.sample_id.astype(str)].to_numpy(), rtol=0, atol=1e-6)
